@@ -1,0 +1,5 @@
+"""Networks: patch encoders (CTransPath, ...) and MIL heads (SMILE and baselines), one per file."""
+
+from scripts.networks.registry import MIL_NETWORKS, build_mil_network, register_mil_network
+
+__all__ = ["MIL_NETWORKS", "build_mil_network", "register_mil_network"]

@@ -1,0 +1,63 @@
+"""Operations over packed bags.
+
+A batch of B bags is packed into one (M, D) tensor of instances plus ``bag_index`` (M,), the bag each
+instance belongs to (0..B-1). Reductions within each bag use scatter operations, so a batch costs a few
+kernels whatever B is: no Python loop over bags.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def segment_max(values: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> torch.Tensor:
+    """Per-bag maximum of ``values`` (M,) or (M, K) -> (n_bags,) or (n_bags, K)."""
+    shape = (n_bags,) + tuple(values.shape[1:])
+    out = values.new_full(shape, float("-inf"))
+    index = _expand_index(bag_index, values)
+    return out.scatter_reduce(0, index, values, reduce="amax", include_self=True)
+
+
+def segment_min(values: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> torch.Tensor:
+    """Per-bag minimum of ``values`` (M,) or (M, K) -> (n_bags,) or (n_bags, K)."""
+    shape = (n_bags,) + tuple(values.shape[1:])
+    out = values.new_full(shape, float("inf"))
+    index = _expand_index(bag_index, values)
+    return out.scatter_reduce(0, index, values, reduce="amin", include_self=True)
+
+
+def segment_sum(values: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> torch.Tensor:
+    """Per-bag sum of ``values`` (M,) or (M, K) -> (n_bags,) or (n_bags, K)."""
+    shape = (n_bags,) + tuple(values.shape[1:])
+    return values.new_zeros(shape).index_add(0, bag_index, values)
+
+
+def segment_mean(values: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> torch.Tensor:
+    """Per-bag mean of ``values`` (M,) or (M, K)."""
+    counts = torch.bincount(bag_index, minlength=n_bags).clamp_min(1).to(values.dtype)
+    sums = segment_sum(values, bag_index, n_bags)
+    return sums / counts.view(-1, *([1] * (values.dim() - 1)))
+
+
+def segment_softmax(logits: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> torch.Tensor:
+    """Softmax of ``logits`` (M,) or (M, K) within each bag (numerically stable)."""
+    bag_max = segment_max(logits.detach(), bag_index, n_bags)
+    shifted = torch.exp(logits - bag_max[bag_index])
+    return shifted / segment_sum(shifted, bag_index, n_bags)[bag_index]
+
+
+def pack_bags(bags: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack a list of (N_i, D) bags into (sum N_i, D) instances and their (sum N_i,) bag index."""
+    if not bags:
+        raise ValueError("pack_bags needs at least one bag")
+    sizes = torch.tensor([b.shape[0] for b in bags], device=bags[0].device)
+    if int(sizes.min()) == 0:
+        raise ValueError("an empty bag (0 patches) cannot be classified; check the slide's tissue mask")
+    bag_index = torch.repeat_interleave(torch.arange(len(bags), device=bags[0].device), sizes)
+    return torch.cat(bags, 0), bag_index
+
+
+def _expand_index(bag_index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    if values.dim() == 1:
+        return bag_index
+    return bag_index.view(-1, *([1] * (values.dim() - 1))).expand_as(values)

@@ -1,0 +1,83 @@
+"""Keep the console readable on machines without a GPU.
+
+cuCIM, nvImageCodec and CUDA-enabled torch builds print long warnings when no GPU is present. The
+environment variables below are read by those libraries at import time, so this runs when ``scripts``
+is first imported. Python warnings that say nothing actionable on a CPU machine are filtered to one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import warnings
+
+_QUIET_ENV = {
+    # nvImageCodec / cuCIM GPU decode probes
+    "NVIMGCODEC_LOG_LEVEL": "0",
+    "NVIMGCODEC_SEVERITY": "0",
+    "CUCIM_LOG_LEVEL": "ERROR",
+    # TensorFlow-style C++ logging used by some plugins
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+    # do not try to reach the hub from timm / huggingface
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+_IGNORED_WARNINGS = (
+    r".*CUDA initialization.*",
+    r".*cuda.*not available.*",
+    r".*Can't initialize NVML.*",
+    r".*pkg_resources is deprecated.*",
+    r".*TypedStorage is deprecated.*",
+    r".*Importing from timm\.models\.layers is deprecated.*",
+    r".*torch\.cuda\.amp.*deprecated.*",
+)
+
+_done = False
+
+
+def quiet_native_libraries() -> None:
+    """Set quiet defaults once; a user's own environment variables win."""
+    global _done
+    if _done:
+        return
+    _done = True
+    for key, value in _QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    for pattern in _IGNORED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("PIL").setLevel(logging.WARNING)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def native_stderr_silenced(note: str | None = None):
+    """Silence what native libraries write straight to file descriptor 2 inside the block.
+
+    cuCIM prints several lines about libcuda / cuFile (GPUDirect Storage) the first time it opens a
+    file on a machine without a GPU driver. Those come from C++ and bypass Python's ``sys.stderr``, so
+    the descriptor itself is pointed at /dev/null for the block. ``note`` is logged once instead.
+    """
+    global _noted
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real descriptor (e.g. captured by a test runner)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    if note and note not in _noted:
+        _noted.add(note)
+        logging.getLogger("scripts").info(note)
+
+
+_noted: set[str] = set()
