@@ -154,6 +154,8 @@ class SlideHandle:
         """RGB uint8 (height, width, 3) of ``size`` = (width, height) level pixels whose top-left is
         ``location`` = (x, y) in level-0 pixels. Areas outside the slide come back white."""
         width, height = int(size[0]), int(size[1])
+        if not 0 <= int(level) < self.level_count:
+            raise ValueError(f"{self.path}: level {level} does not exist ({self.backend} sees {self.level_count} level(s))")
         pixels = self._read((int(location[0]), int(location[1])), (width, height), int(level))
         return to_rgb(pixels)
 
