@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from scripts.quiet import native_stderr_silenced
+from scripts.quiet import native_output_silenced
 from scripts.wsi import mpp as mpp_lib
 
 logger = logging.getLogger(__name__)
@@ -235,31 +235,6 @@ _MONAI_READERS: dict[str, object] = {}
 @contextlib.contextmanager
 def _no_silence():
     yield
-
-
-@contextlib.contextmanager
-def native_output_silenced():
-    """Point file descriptors 1 and 2 at /dev/null inside the block.
-
-    cuCIM prints its libcuda / cuFile notes on fd 1 (stdout), not fd 2, on machines without a GPU
-    driver, and its bundled libtiff prints codec notes on fd 2; ``scripts.quiet.native_stderr_silenced``
-    only covers fd 2.
-    """
-    with native_stderr_silenced():
-        try:
-            sys.stdout.flush()
-            saved = os.dup(1)
-        except (OSError, ValueError):
-            yield
-            return
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, 1)
-            yield
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
-            os.close(devnull)
 
 
 class MonaiWSIHandle(SlideHandle):
