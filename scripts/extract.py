@@ -143,7 +143,7 @@ def remove_stale_temporaries(final: Path) -> int:
 class _SlideWriter:
     """An open temporary feature file, renamed into place by commit()."""
 
-    def __init__(self, final: Path, info: PatchInfo, encoder: Encoder, reader_backend: str):
+    def __init__(self, final: Path, info: PatchInfo, encoder: Encoder, reader_backend: str, rank: int = 0, world: int = 1):
         self._stack = contextlib.ExitStack()
         tmp = self._stack.enter_context(atomic_path(final))
         self.h5 = h5py.File(tmp, "w")
@@ -158,6 +158,7 @@ class _SlideWriter:
             "target_mpp": info.target_mpp if info.target_mpp else np.nan,
             "level": info.level, "read_size": info.read_size, "input_size": encoder.input_size,
             "slide_id": info.slide_id, "slide_path": str(info.slide_path), "reader": reader_backend,
+            "rank": rank, "world_size": world,
         }
         for key, value in attrs.items():
             self.h5.attrs[key] = value
@@ -353,7 +354,7 @@ class FeatureExtractionWorkflow:
                 try:
                     if kind == "start":
                         current, started = info, time.perf_counter()
-                        writer = _SlideWriter(features_dir / f"{info.slide_id}.h5", info, self.encoder, payload)
+                        writer = _SlideWriter(features_dir / f"{info.slide_id}.h5", info, self.encoder, payload, rank, world)
                         if bar is not None:
                             bar.set_postfix_str(info.slide_id, refresh=False)
                     elif kind == "batch":

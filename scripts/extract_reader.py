@@ -167,14 +167,16 @@ class _CucimReader:
         batch_size = max(1, batch_size)
         if batch_size == 1 or len(locations) == 1:
             for loc in locations:
-                yield _rgb(np.asarray(self.image.read_region(loc, (read_size, read_size), level)))[None]
+                yield _rgb(np.array(self.image.read_region(loc, (read_size, read_size), level), copy=True))[None]
             return
         result = self.image.read_region(
             locations, (read_size, read_size), level,
             num_workers=max(1, num_workers), batch_size=batch_size, drop_last=False,
         )
         for batch in result:
-            array = np.asarray(batch)
+            # copy while the batch object is alive: np.asarray is a view into a buffer cuCIM frees or reuses
+            # once the iterator moves on (seen as corrupted first pixels of every batch but the last)
+            array = np.array(batch, copy=True)
             if array.ndim == 3:  # a single patch comes back without the batch axis
                 array = array[None]
             yield _rgb(array)
