@@ -63,8 +63,9 @@ class PatchInfo:
 def read_patch_file(path: str | Path, slide_path: str | Path | None = None) -> PatchInfo:
     """Read a preprocessing patch file: ``coords`` (N, 2) and the attributes needed to read the patches.
 
-    The region read at ``level`` is ``patch_size_level0 / level_downsample`` pixels, or, without
-    ``patch_size_level0``, ``patch_size * target_mpp / (mpp * level_downsample)``, rounded.
+    The region read at ``level`` is ``read_size_level`` pixels when the file says so, else
+    ``patch_size_level0 / level_downsample``, else ``patch_size * target_mpp / (mpp * level_downsample)``,
+    rounded.
     """
     path = Path(path)
     if not path.is_file():
@@ -85,7 +86,9 @@ def read_patch_file(path: str | Path, slide_path: str | Path | None = None) -> P
     downsample = float(attrs.get("level_downsample", 1.0))
     mpp = _float_or_none(attrs.get("mpp"))
     target_mpp = _float_or_none(attrs.get("target_mpp"))
-    if "patch_size_level0" in attrs:
+    if "read_size_level" in attrs:  # what preprocessing computed for this level
+        read_size = int(attrs["read_size_level"])
+    elif "patch_size_level0" in attrs:
         read_size = int(round(float(attrs["patch_size_level0"]) / downsample))
     elif mpp and target_mpp:
         read_size = int(round(patch_size * target_mpp / (mpp * downsample)))

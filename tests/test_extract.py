@@ -122,6 +122,11 @@ def test_read_size_from_patch_file(tmp_path):
     write_patch_file(tmp_path / "b.h5", tmp_path / "a.tif")
     info = read_patch_file(tmp_path / "b.h5")
     assert (info.read_size, info.level, info.patch_size) == (256, 1, 256)
+    with h5py.File(tmp_path / "b.h5", "r+") as h5:  # preprocessing's own figure wins when present
+        h5.attrs["read_size_level"] = 255
+    assert read_patch_file(tmp_path / "b.h5").read_size == 255
+    with pytest.raises(Exception, match="run the preprocessing"):
+        read_patch_file(tmp_path / "missing.h5")
 
 
 def test_features_are_the_encoder_of_the_recorded_patches(tmp_path, encoder):
