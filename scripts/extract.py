@@ -6,7 +6,8 @@ Reads ``<output_dir>/patches/<slide_id>.h5`` (written by preprocessing) and writ
   ``features`` (N, D) float32, ``coords`` (N, 2) - the patch file's coordinates, same order;
   attrs ``encoder``, ``weights_sha256`` ("random" for random weights), ``patch_size``, ``mpp``, ...
 
-and ``<output_dir>/extract_summary.csv`` (slide_id, status, error, n_patches, seconds, patches_per_s).
+and ``<output_dir>/extract_summary.csv`` (slide_id, status, error, n_patches, seconds, patches_per_s,
+encoder, weights_sha256 - "random" marks features from random weights).
 
 Behaviour
 * A reader thread reads and decodes the next batches (also of the next slide) while the encoder runs.
@@ -41,7 +42,7 @@ from scripts.networks.encoders import Encoder
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_COLUMNS = ["slide_id", "status", "error", "n_patches", "seconds", "patches_per_s"]
+SUMMARY_COLUMNS = ["slide_id", "status", "error", "n_patches", "seconds", "patches_per_s", "encoder", "weights_sha256"]
 
 
 class PatchFileError(ValueError):
@@ -301,7 +302,7 @@ class FeatureExtractionWorkflow:
         jobs: list[PatchInfo] = []
         for record in records:
             row = {"slide_id": record.slide_id, "status": "", "error": "", "n_patches": 0, "seconds": 0.0,
-                   "patches_per_s": 0.0}
+                   "patches_per_s": 0.0, "encoder": self.encoder.name, "weights_sha256": self.encoder.weights_sha256}
             rows[record.slide_id] = row
             final = features_dir / f"{record.slide_id}.h5"
             try:

@@ -100,7 +100,14 @@ def test_equals_reference_model(reference_checkpoint):
 def test_plain_state_dict_and_module_prefix(reference_checkpoint, tmp_path):
     reference, path = reference_checkpoint
     sd = torch.load(path, weights_only=True)["model"]
-    for name, ckpt in {"plain.pth": sd, "ddp.pth": {"state_dict": {f"module.{k}": v for k, v in sd.items()}}}.items():
+    resaved = ctranspath(path).state_dict()  # already in the timm 1.x layout (downsample at stage start)
+    assert "layers.1.downsample.reduction.weight" in resaved and "layers.0.downsample.reduction.weight" not in resaved
+    checkpoints = {
+        "plain.pth": sd,
+        "ddp.pth": {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
+        "timm1x.pth": resaved,
+    }
+    for name, ckpt in checkpoints.items():
         torch.save(ckpt, tmp_path / name)
         model = ctranspath(tmp_path / name)
         x = torch.randn(1, 3, 224, 224)

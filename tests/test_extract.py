@@ -145,6 +145,7 @@ def test_features_are_the_encoder_of_the_recorded_patches(tmp_path, encoder):
         np.testing.assert_allclose(got, expected, atol=1e-4)
     rows = summary(out)
     assert rows["s0"]["n_patches"] == "3" and float(rows["s0"]["patches_per_s"]) > 0
+    assert rows["s0"]["weights_sha256"] == "random" and rows["s0"]["encoder"] == "ctranspath"
 
 
 def test_real_aperio_slide(shared_slides, tmp_path, encoder):
@@ -268,10 +269,10 @@ def test_bundle_cli_killed_then_restarted_equals_uninterrupted(bundle_root, tmp_
 @pytest.mark.slow
 def test_two_ranks_write_every_slide_exactly_once(bundle_root, tmp_path):
     datalist, out = make_cohort(tmp_path, 5)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
-           *bundle_cmd(bundle_root, datalist, out, "--allow_random_weights", "true")]
+    # as documented: torchrun --nproc_per_node=N -m monai.bundle run --config_file configs/extract.json ...
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *bundle_cmd(bundle_root, datalist, out, "--allow_random_weights", "true")[1:]]
     env = bundle_env()
-    env["PYTHONPATH"] = str(bundle_root)
     proc = subprocess.run(cmd, cwd=bundle_root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "extract_summary.csv", newline="") as handle:

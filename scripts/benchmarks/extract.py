@@ -130,7 +130,8 @@ def main(
     enc = build_encoder(encoder, weights=weights, allow_random_weights=True)
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "none"
-    print(f"# hardware: {os.cpu_count()} CPU cores ({cpu}), torch threads {torch.get_num_threads()}, GPU {gpu}")
+    load = ", load average %.1f (other processes share these cores)" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
+    print(f"# hardware: {os.cpu_count()} CPU cores ({cpu}), torch threads {torch.get_num_threads()}, GPU {gpu}{load}")
     print(f"# torch {torch.__version__}, encoder {encoder} ({'random' if enc.random_weights else 'released'} "
           f"weights), precision {'bf16 autocast' if dev.type == 'cuda' else 'fp32'}, slide {slide.name}")
     print(f"{'stage':<34}{'batch':>6}{'patches/s':>12}")
