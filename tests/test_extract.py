@@ -187,6 +187,30 @@ def test_one_bad_slide_is_reported_and_others_go_on(tmp_path, encoder):
     assert not [p for p in (out / "features").iterdir() if p.name.startswith(".")]  # no temporary left
 
 
+def test_failure_mid_slide_leaves_no_partial_file(tmp_path, encoder):
+    datalist, out = make_cohort(tmp_path, 3)
+
+    class FailsOnFourthBatch:  # the encoder dies half-way through slide s1 (batches of 2: s0 = 2, s1 = 2)
+        calls = 0
+
+        def __getattr__(self, name):
+            return getattr(encoder, name)
+
+        def to(self, device):
+            return self
+
+        def __call__(self, images):
+            FailsOnFourthBatch.calls += 1
+            if FailsOnFourthBatch.calls == 4:
+                raise RuntimeError("simulated out-of-memory")
+            return encoder(images)
+
+    rows = {r["slide_id"]: r for r in run_workflow(datalist, out, FailsOnFourthBatch(), batch_size=2)}
+    assert rows["s1"]["status"] == "failed" and "simulated out-of-memory" in rows["s1"]["error"]
+    assert rows["s0"]["status"] == rows["s2"]["status"] == "ok"
+    assert sorted(p.name for p in (out / "features").iterdir()) == ["s0.h5", "s2.h5"]
+
+
 def test_empty_patch_file(tmp_path, encoder):
     datalist, out = make_cohort(tmp_path, 1)
     write_patch_file(out / "patches" / "s0.h5", tmp_path / "slide0.tif", coords=np.zeros((0, 2)))
