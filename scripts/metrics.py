@@ -25,7 +25,7 @@ def bootstrap_auc_ci(
     redrawn). ``[nan, nan]`` when the AUC is undefined."""
     labels = np.asarray(labels, dtype=int)
     probs = np.asarray(probs, dtype=float)
-    if len(np.unique(labels)) < 2:
+    if len(np.unique(labels)) < 2 or n_boot <= 0:
         return [math.nan, math.nan]
     rng = np.random.default_rng(seed)
     n = len(labels)

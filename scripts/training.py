@@ -52,13 +52,28 @@ logger = logging.getLogger(__name__)
 THRESHOLD_KEYS = ("accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity")
 
 
-def ranger(params, lr: float = 2e-4, weight_decay: float = 1e-5, betas=(0.95, 0.999), eps: float = 1e-5):
-    """Ranger as RAdam + Lookahead (timm ``lookahead_radam``; Lookahead alpha 0.5, k 6), with the
-    official SMILE betas and eps. (The official Ranger 20.4.11 also centralises gradients; timm's does not.)
-    Weight decay is not applied to biases and normalisation parameters (timm's default)."""
+def create_optimizer(
+    params, name: str = "lookahead_radam", lr: float = 2e-4, weight_decay: float = 1e-5,
+    betas=(0.95, 0.999), eps: float = 1e-5, **kwargs,
+):  # fmt: skip
+    """An optimiser from timm's factory (``timm.optim.create_optimizer_v2``) for a model or parameters.
+
+    The default is Ranger as RAdam + Lookahead (timm ``lookahead_radam``; Lookahead alpha 0.5, k 6) with
+    the official SMILE betas (0.95, 0.999) and eps 1e-5. (The official Ranger 20.4.11 also centralises
+    gradients; timm's does not.) Weight decay is not applied to biases and normalisation parameters
+    (timm's default). Any timm name works (``adam``, ``adamw``, ``lookahead_adam``, ...).
+
+    Note: RAdam's rectification is an implicit warm-up of roughly 1/(1 - beta2) steps; on a small
+    cohort (a few optimiser steps per epoch) it learns slowly in the first hundreds of steps.
+    """
     from timm.optim import create_optimizer_v2
 
-    return create_optimizer_v2(params, opt="lookahead_radam", lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+    return create_optimizer_v2(params, opt=name, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, **kwargs)
+
+
+def ranger(params, lr: float = 2e-4, weight_decay: float = 1e-5, betas=(0.95, 0.999), eps: float = 1e-5):
+    """Ranger (RAdam + Lookahead) with the SMILE settings; see :func:`create_optimizer`."""
+    return create_optimizer(params, "lookahead_radam", lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
 
 
 @dataclass
@@ -195,7 +210,8 @@ def _to_device(batch: dict, device: torch.device, non_blocking: bool):
 def mil_train_iteration(engine, batch: dict) -> dict:
     """One optimiser step on a packed batch: bag BCE plus the network's ``training_loss_terms``."""
     model = engine.network
-    model.train()
+    if not model.training:
+        model.train()
     x, bag_index, n_bags, labels = _to_device(batch, engine.state.device, engine.non_blocking)
     if x.shape[0] < 2:  # BatchNorm cannot train on a single instance; skip this (one-patch, one-bag) batch
         return {"label": labels, "pred": torch.zeros_like(labels), "loss": torch.tensor(math.nan), "n_bags": n_bags}
@@ -212,7 +228,8 @@ def mil_train_iteration(engine, batch: dict) -> dict:
 def mil_eval_iteration(engine, batch: dict) -> dict:
     """Predict a packed batch in eval mode: ``pred`` probabilities, ``logits``, ``label``."""
     model = engine.network
-    model.eval()
+    if model.training:
+        model.eval()
     x, bag_index, n_bags, labels = _to_device(batch, engine.state.device, engine.non_blocking)
     with torch.no_grad():
         logits = _forward(model, x, bag_index, n_bags)["logits"].float()
@@ -570,6 +587,6 @@ def write_history_csv(path: str | Path, history: dict) -> None:
 
 
 __all__ = [
-    "TrainSettings", "CVResult", "train_fold", "predict", "run_cross_validation", "ranger",
+    "TrainSettings", "CVResult", "train_fold", "predict", "run_cross_validation", "ranger", "create_optimizer",
     "build_network", "network_spec", "save_checkpoint", "load_checkpoint",
 ]  # fmt: skip

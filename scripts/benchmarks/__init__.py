@@ -1,0 +1,1 @@
+"""Benchmarks: commands that print figures (MIL accuracy on classic data sets, training speed)."""
