@@ -1,0 +1,405 @@
+"""Side-by-side comparison of MIL methods on the same patient-level cross-validation splits.
+
+Run with the bundle config (see docs/compare.md)::
+
+    python -m monai.bundle run --config_file configs/compare.json --datalist <csv> --output_dir <out> \\
+        [--methods "['smile','abmil_gated','clam_sb']"] [--epochs N]
+    python -m monai.bundle run --config_file configs/compare.json --data musk1.npz --output_dir <out>
+
+Every chosen method is trained with :func:`scripts.training.run_cross_validation` on the same folds
+(``<out>/splits.json``, made once and reused) and the same training settings. Outputs under
+``<out>/compare/``:
+
+* ``<method>/cv/``: that method's fold models, ``oof_predictions.csv``, ``summary.json``, ``roc.png``;
+* ``oof_predictions.csv``: one row per slide, one ``prob_<method>`` column per method;
+* ``comparison.csv`` / ``comparison.json`` / ``comparison.md``: per method the fold AUC mean and standard
+  deviation, the pooled out-of-fold AUC with its 95 % bootstrap interval, accuracy, balanced accuracy,
+  F1, sensitivity and specificity (each fold's threshold chosen on its validation split), and for the
+  reference method (SMILE) against each other method the AUC difference with a DeLong p-value and a
+  paired bootstrap p-value and interval that resamples patients (Holm-adjusted DeLong p across methods);
+* ``roc.png``: pooled out-of-fold ROC curves of all methods.
+
+One method failing (e.g. out of memory) is reported in the table and does not stop the others.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from scripts.io_utils import atomic_path, write_csv, write_json
+from scripts.metrics import classification_report, nan_to_none, plot_roc
+from scripts.metrics.paired import delong_test, paired_bootstrap_auc
+from scripts.mil_data import Bag, BagList, bags_from_datalist, bags_from_npz, feature_shape
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_METHODS = (
+    "smile", "smile_adaptive", "abmil", "abmil_gated", "clam_sb", "clam_mb", "transmil", "dsmil", "dtfd", "acmil",
+    "mean_pool", "max_pool",
+)  # fmt: skip
+CACHE_LIMIT_BYTES = 2 * 1024**3
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def load_bags(
+    datalist: str | Path | None = None,
+    features_dir: str | Path | None = None,
+    data: str | Path | None = None,
+    cache_features: Any = "auto",
+    cache_limit_bytes: int = CACHE_LIMIT_BYTES,
+) -> list[Bag]:
+    """The cohort's bags: a classic MIL ``.npz`` when ``data`` is given, else the datalist's feature files.
+
+    ``cache_features``: ``True`` reads every feature file into memory once (several methods and grid
+    cells re-read each bag every epoch), ``False`` never, ``"auto"`` when the features take less than
+    ``cache_limit_bytes`` (2 GiB).
+    """
+    if data not in (None, ""):
+        path = Path(data)
+        if not path.is_file():
+            raise FileNotFoundError(f"--data {path}: no such file; give a classic MIL .npz (arrays X, bag, bag_y)")
+        return bags_from_npz(path)
+    if datalist in (None, ""):
+        raise ValueError("give --datalist <csv> (with features under <output_dir>/features) or --data <file.npz>")
+    bags = bags_from_datalist(datalist, features_dir)
+    if isinstance(cache_features, str):
+        if cache_features.lower() not in ("auto", "true", "false"):
+            raise ValueError(f"cache_features must be true, false or 'auto'; got {cache_features!r}")
+        cache_features = "auto" if cache_features.lower() == "auto" else cache_features.lower() == "true"
+    if cache_features == "auto":
+        total = sum(int(np.prod(feature_shape(b.features_path))) * 4 for b in bags)
+        cache_features = total <= cache_limit_bytes
+        if not cache_features:
+            logger.info("features take %.1f GiB: read from disk every epoch (cache_features=true forces memory)", total / 1024**3)
+    if not cache_features:
+        return bags
+    from tqdm.auto import tqdm
+
+    cached = BagList(
+        Bag(b.bag_id, b.label, b.patient_id, b.center, features_path=b.features_path, features=b.load())
+        for b in tqdm(bags, desc="reading features", unit="slide", leave=False)
+    )
+    cached.skipped = list(getattr(bags, "skipped", []))
+    return cached
+
+
+# ----------------------------------------------------------------------------------------------- settings
+
+
+def with_overrides(settings, **changes):
+    """A copy of a :class:`scripts.training.TrainSettings` with some fields changed."""
+    out = copy.copy(settings)
+    for key, value in changes.items():
+        setattr(out, key, value)
+    return out
+
+
+def as_bool(value: Any, name: str) -> bool:
+    """A flag given in a config or on the command line (``true``/``false`` arrive as strings)."""
+    if isinstance(value, str):
+        if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{name} must be true or false; got {value!r}")
+        return value.strip().lower() in ("true", "1", "yes")
+    return bool(value)
+
+
+def resolve_methods(methods: Sequence[str] | str) -> list[str]:
+    """Method names as a checked list (a comma-separated string is accepted); ``"all"`` = every
+    registered method."""
+    from scripts.methods import available_methods
+
+    if isinstance(methods, str):
+        methods = available_methods() if methods.strip() == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+    methods = list(dict.fromkeys(methods))
+    if not methods:
+        raise ValueError("no methods to compare; e.g. --methods \"['smile','abmil_gated']\"")
+    unknown = [m for m in methods if m not in available_methods()]
+    if unknown:
+        raise KeyError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(available_methods())}")
+    return methods
+
+
+# ----------------------------------------------------------------------------------------------- comparison
+
+
+def compare_methods(
+    bags: Sequence[Bag],
+    splits: dict,
+    settings,
+    output_dir: str | Path,
+    methods: Sequence[str] | str = DEFAULT_METHODS,
+    reference: str = "smile",
+    method_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    n_bootstrap: int = 2000,
+    paired_bootstrap: int = 2000,
+    keep_fold_models: bool = True,
+) -> dict:
+    """Train and score every method on ``splits``; write ``<output_dir>/compare/`` (module docstring).
+
+    Returns the comparison dict (also ``comparison.json``): ``rows`` (one per method), ``paired``
+    (reference vs each method) and the cohort / settings description.
+    """
+    from tqdm.auto import tqdm
+
+    from scripts.methods import count_parameters, method_factory
+
+    methods = resolve_methods(methods)
+    method_kwargs = dict(method_kwargs or {})
+    keep_fold_models = as_bool(keep_fold_models, "keep_fold_models")
+    if reference not in methods:
+        logger.warning("reference method %r is not among the compared methods; using %r", reference, methods[0])
+        reference = methods[0]
+    out_dir = Path(output_dir) / "compare"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dim = int(bags[0].load().shape[1])
+    results: dict[str, Any] = {}
+    rows = []
+    bar = tqdm(methods, desc="methods", unit="method", dynamic_ncols=True)
+    for name in bar:
+        bar.set_postfix_str(name)
+        kwargs = dict(method_kwargs.get(name) or {})
+        start = time.perf_counter()
+        try:
+            factory = method_factory(name, network_kwargs=kwargs)
+            result = _run_cv(factory, bags, splits, settings, out_dir / name if keep_fold_models else None, n_bootstrap)
+        except Exception as error:  # one method failing must not lose the others' results
+            logger.exception("method %s failed", name)
+            rows.append({"method": name, "status": f"failed: {type(error).__name__}: {error}"})
+            continue
+        results[name] = result
+        summary = result.summary
+        pooled = summary["pooled"]
+        at_val = pooled.get("at_val_threshold") or {}
+        row = {
+            "method": name,
+            "status": "ok",
+            "params": count_parameters(name, dim, kwargs),
+            "n_slides": summary["n_slides"],
+            "n_patients": summary["n_patients"],
+            "n_folds": len(summary["folds"]),
+            "auc_mean": summary["mean"]["auc"],
+            "auc_std": summary["std"]["auc"],
+            "pooled_auc": pooled["auc"],
+            "pooled_auc_ci_low": (pooled.get("auc_ci") or [None, None])[0],
+            "pooled_auc_ci_high": (pooled.get("auc_ci") or [None, None])[1],
+            "accuracy": at_val.get("accuracy"),
+            "balanced_accuracy": at_val.get("balanced_accuracy"),
+            "f1": at_val.get("f1"),
+            "sensitivity": at_val.get("sensitivity"),
+            "specificity": at_val.get("specificity"),
+            "accuracy_at_0.5": pooled["at_0.5"]["accuracy"],
+            "f1_at_0.5": pooled["at_0.5"]["f1"],
+            "median_best_epoch": float(np.median([f["best_epoch"] for f in summary["folds"]])),
+            "seconds": round(time.perf_counter() - start, 1),
+            "network_kwargs": kwargs,
+        }
+        if not keep_fold_models:
+            write_csv(out_dir / name / "cv" / "oof_predictions.csv", result.predictions)
+        rows.append(row)
+        bar.write(f"{name}: pooled AUC {_fmt(row['pooled_auc'])}, fold AUC {_fmt(row['auc_mean'])} ± {_fmt(row['auc_std'])}")
+    bar.close()
+
+    oof = merge_predictions({m: r.predictions for m, r in results.items()})
+    paired = paired_tests(oof, reference, [m for m in methods if m in results], n_bootstrap=paired_bootstrap)
+    for row in rows:
+        test = paired.get(row["method"])
+        if test:
+            row.update({f"vs_{reference}_{k}": v for k, v in test.items() if k != "method"})
+    comparison = {
+        "reference": reference,
+        "methods": methods,
+        "cohort": _cohort_description(bags, splits),
+        "settings": settings.describe(),
+        "method_kwargs": method_kwargs,
+        "rows": rows,
+        "paired": paired,
+    }
+    comparison = nan_to_none(comparison)
+    write_json(out_dir / "comparison.json", comparison)
+    write_csv(out_dir / "comparison.csv", [_flat_row(r, reference) for r in rows])
+    if oof:
+        write_csv(out_dir / "oof_predictions.csv", oof)
+        curves = {m: ([r["label"] for r in oof], [r[f"prob_{m}"] for r in oof]) for m in results}
+        plot_roc(curves, out_dir / "roc.png", title="Pooled out-of-fold ROC per method")
+    markdown = comparison_markdown(comparison)
+    with atomic_path(out_dir / "comparison.md") as tmp:
+        Path(tmp).write_text(markdown)
+    logger.info("comparison written to %s\n%s", out_dir, markdown)
+    return comparison
+
+
+def _run_cv(factory, bags, splits, settings, output_dir, n_bootstrap):
+    from scripts.training import run_cross_validation
+
+    return run_cross_validation(factory, bags, splits, settings, output_dir=output_dir, n_bootstrap=n_bootstrap, keep_models=False)
+
+
+def merge_predictions(predictions: Mapping[str, Sequence[dict]]) -> list[dict]:
+    """One row per slide (slides every method predicted), ``prob_<method>`` columns, in slide order."""
+    if not predictions:
+        return []
+    methods = list(predictions)
+    by_method = {m: {r["slide_id"]: r for r in rows} for m, rows in predictions.items()}
+    common = set.intersection(*(set(d) for d in by_method.values()))
+    first = by_method[methods[0]]
+    out = []
+    for slide_id in sorted(common):
+        base = first[slide_id]
+        row = {k: base[k] for k in ("slide_id", "patient_id", "center", "label", "fold")}
+        for m in methods:
+            row[f"prob_{m}"] = float(by_method[m][slide_id]["prob"])
+        out.append(row)
+    return out
+
+
+def paired_tests(oof: Sequence[dict], reference: str, methods: Sequence[str], n_bootstrap: int = 2000, seed: int = 0) -> dict:
+    """Reference vs each other method on the pooled out-of-fold predictions: DeLong and a paired
+    bootstrap resampling patients; DeLong p-values also Holm-adjusted over the comparisons."""
+    if not oof or reference not in methods:
+        return {}
+    labels = np.array([int(r["label"]) for r in oof])
+    groups = np.array([str(r["patient_id"]) for r in oof])
+    ref = np.array([r[f"prob_{reference}"] for r in oof])
+    out: dict[str, dict] = {}
+    for m in methods:
+        if m == reference:
+            continue
+        other = np.array([r[f"prob_{m}"] for r in oof])
+        try:
+            d = delong_test(labels, ref, other)
+            b = paired_bootstrap_auc(labels, ref, other, groups=groups, n_bootstrap=n_bootstrap, seed=seed)
+        except ValueError as error:
+            logger.warning("paired test %s vs %s not possible: %s", reference, m, error)
+            continue
+        out[m] = {
+            "method": m,
+            "auc_difference": d.difference,
+            "delong_p": d.p_value,
+            "delong_ci_low": d.ci_low,
+            "delong_ci_high": d.ci_high,
+            "bootstrap_p": b.p_value,
+            "bootstrap_ci_low": b.ci_low,
+            "bootstrap_ci_high": b.ci_high,
+            "bootstrap_resamples": b.n_bootstrap,
+            "bootstrap_patients": b.n_groups,
+        }
+    adjusted = holm([v["delong_p"] for v in out.values()])
+    for value, p in zip(out.values(), adjusted):
+        value["delong_p_holm"] = p
+    return out
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (same order as given)."""
+    p = np.asarray(p_values, dtype=float)
+    n = len(p)
+    if n == 0:
+        return []
+    order = np.argsort(p)
+    adjusted = np.empty(n)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (n - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted.tolist()
+
+
+def _flat_row(row: dict, reference: str) -> dict:
+    out = {k: v for k, v in row.items() if k != "network_kwargs"}
+    out["network_kwargs"] = ";".join(f"{k}={v}" for k, v in (row.get("network_kwargs") or {}).items())
+    return out
+
+
+def _cohort_description(bags: Sequence[Bag], splits: dict) -> dict:
+    labels = [b.label for b in bags]
+    return {
+        "n_slides": len(bags),
+        "n_patients": len({b.patient_id for b in bags}),
+        "n_positive": int(sum(1 for x in labels if x == 1)),
+        "centers": sorted({b.center for b in bags if b.center}),
+        "n_folds": len(splits["folds"]),
+        "feature_dim": int(bags[0].load().shape[1]),
+    }
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{float(value):.{digits}f}"
+
+
+def _fmt_p(value) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def comparison_markdown(comparison: dict) -> str:
+    """The comparison as a Markdown report (table + how to read it)."""
+    ref = comparison["reference"]
+    cohort = comparison["cohort"]
+    settings = comparison["settings"]
+    lines = [
+        "# MIL methods compared on the same patient-level splits",
+        "",
+        f"Cohort: {cohort['n_slides']} slides, {cohort['n_patients']} patients, {cohort['n_positive']} positive; "
+        f"{cohort['n_folds']}-fold cross-validation; {cohort['feature_dim']}-d features"
+        + (f"; centres {', '.join(cohort['centers'])}" if cohort.get("centers") else "") + ".",
+        f"Training (all methods alike): {settings.get('epochs')} epochs max, batch {settings.get('batch_size')} bags, "
+        f"optimiser {_describe_optimizer(settings.get('optimizer'))}, selection on validation {settings.get('monitor')}, "
+        f"patience {settings.get('patience')}, seed {settings.get('seed')}.",
+        "",
+        f"| method | params | fold AUC mean ± std | pooled AUC [95% CI] | accuracy | F1 | ΔAUC {ref} − method | DeLong p | bootstrap p (patients) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in comparison["rows"]:
+        if row.get("status") != "ok":
+            lines.append(f"| {row['method']} | – | {row.get('status')} | | | | | | |")
+            continue
+        test = comparison["paired"].get(row["method"])
+        if row["method"] == ref:
+            diff = delong = boot = "(reference)"
+        elif test:
+            diff = f"{test['auc_difference']:+.3f} [{_fmt(test['bootstrap_ci_low'])}, {_fmt(test['bootstrap_ci_high'])}]"
+            delong = _fmt_p(test["delong_p"]) + (f" (Holm {_fmt_p(test['delong_p_holm'])})" if len(comparison["paired"]) > 1 else "")
+            boot = _fmt_p(test["bootstrap_p"])
+        else:
+            diff = delong = boot = "n/a"
+        lines.append(
+            f"| {row['method']} | {row['params']:,} | {_fmt(row['auc_mean'])} ± {_fmt(row['auc_std'])} | "
+            f"{_fmt(row['pooled_auc'])} [{_fmt(row['pooled_auc_ci_low'])}, {_fmt(row['pooled_auc_ci_high'])}] | "
+            f"{_fmt(row['accuracy'])} | {_fmt(row['f1'])} | {diff} | {delong} | {boot} |"
+        )
+    lines += [
+        "",
+        "How to read it: the pooled AUC is computed on every slide's out-of-fold probability (each slide",
+        "scored once, by the fold model that never saw its patient); its interval resamples slides.",
+        "Accuracy and F1 use each fold's threshold chosen on that fold's validation split (Youden).",
+        f"ΔAUC is the pooled AUC of {ref} minus the method's, with a 95% paired-bootstrap interval that resamples",
+        "patients; DeLong and bootstrap p-values test 'no difference' (two-sided). Holm adjusts DeLong p for",
+        "comparing against several methods. A large p on a small cohort means 'not shown', not 'equal'.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _describe_optimizer(value) -> str:
+    if isinstance(value, dict):
+        name = value.get("name", value.get("callable", "?"))
+        return f"{name} lr {value.get('lr')} wd {value.get('weight_decay')}"
+    return str(value)
+
+
+__all__ = [
+    "DEFAULT_METHODS", "load_bags", "with_overrides", "resolve_methods", "compare_methods", "merge_predictions",
+    "paired_tests", "holm", "comparison_markdown",
+]  # fmt: skip

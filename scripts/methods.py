@@ -1,0 +1,126 @@
+"""One switch for the MIL method: a registered network name plus its settings, with per-method defaults.
+
+Configs build networks through :func:`build_method` so that every registered method (``smile``, the
+baselines of ``docs/baselines.md``, ``smile_adaptive``) trains with the same workflow::
+
+    "network_def": {"_target_": "scripts.methods.build_method", "_mode_": "callable",
+                    "name": "smile", "threshold": null, "factor": null, "network_kwargs": {}}
+
+Rules, applied in this order:
+
+1. the network class's own constructor defaults (SMILE: embed 256, attention 128, threshold 0.5,
+   factor 0.5, the official values);
+2. :data:`METHOD_DEFAULTS` (empty today: every network already defaults to its paper's values; put a
+   deliberate per-method change here, in one place);
+3. ``network_kwargs`` (a dict; any argument of the chosen network);
+4. named keyword arguments that are not ``None`` (``--network_def#factor 0.3`` on the command line).
+
+A ``None`` value means "this method's default", so ``train.json`` can carry SMILE's knobs
+(``threshold``, ``factor``, ...) as ``null`` and still build ``clam_sb`` with ``--network_def#name
+clam_sb``. A value the chosen network does not accept is an error that names the accepted arguments
+(never silently dropped).
+
+The built network remembers its resolved arguments (``model.config``), so checkpoints written by
+:func:`scripts.training.save_checkpoint` rebuild it with :func:`scripts.networks.build_mil_network`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Mapping
+
+from torch import nn
+
+# Deliberate per-method changes of a network's constructor defaults (name -> kwargs). Empty: each
+# network's defaults are its paper's values (docs/baselines.md).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {}
+
+
+def available_methods() -> list[str]:
+    """Registered method names, sorted."""
+    from scripts.networks import MIL_NETWORKS
+
+    return sorted(MIL_NETWORKS)
+
+
+def method_arguments(name: str) -> dict[str, Any]:
+    """The constructor arguments of method ``name`` with their defaults (after :data:`METHOD_DEFAULTS`)."""
+    out, _ = _accepted_arguments(_network_class(name))
+    out.update(METHOD_DEFAULTS.get(name, {}))
+    return out
+
+
+def resolve_method_kwargs(name: str, network_kwargs: Mapping[str, Any] | None = None, **kwargs) -> dict[str, Any]:
+    """The keyword arguments :func:`build_method` passes to the network (``None`` values dropped)."""
+    cls = _network_class(name)
+    resolved = dict(METHOD_DEFAULTS.get(name, {}))
+    if network_kwargs:
+        if not isinstance(network_kwargs, Mapping):
+            raise TypeError(f"network_kwargs must be a dict of {name} arguments, got {type(network_kwargs).__name__}")
+        resolved.update(network_kwargs)
+    resolved.update({k: v for k, v in kwargs.items() if v is not None})
+    accepted, takes_any = _accepted_arguments(cls)
+    unknown = [k for k in resolved if k not in accepted]
+    if unknown and not takes_any:
+        raise TypeError(
+            f"method {name!r} does not take {', '.join(repr(k) for k in unknown)}; it takes: {', '.join(accepted)}. "
+            f"Set them to null (= the method's default) in the config, or None on the command line "
+            f"(e.g. --network_def#{unknown[0]} None)."
+        )
+    return resolved
+
+
+def build_method(name: str = "smile", in_dim: int | None = None, network_kwargs: Mapping[str, Any] | None = None, **kwargs) -> nn.Module:
+    """Build method ``name`` (see the module docstring for how arguments combine); ``in_dim`` = feature size."""
+    resolved = resolve_method_kwargs(name, network_kwargs, **kwargs)
+    if in_dim is not None:
+        resolved["in_dim"] = int(in_dim)
+    model = _network_class(name)(**resolved)
+    if not hasattr(model, "config"):
+        # remembered for checkpoints: scripts.training.network_spec reads model.config
+        model.config = {**method_arguments(name), **resolved}
+    return model
+
+
+def method_factory(name: str, network_kwargs: Mapping[str, Any] | None = None, **kwargs):
+    """``factory(in_dim=D) -> network`` for :func:`scripts.training.run_cross_validation`; arguments are
+    checked now, so a typo fails before any training starts."""
+    resolve_method_kwargs(name, network_kwargs, **kwargs)
+    return functools.partial(build_method, name, network_kwargs=dict(network_kwargs or {}), **kwargs)
+
+
+def count_parameters(name: str, in_dim: int, network_kwargs: Mapping[str, Any] | None = None) -> int:
+    """Trainable parameters of method ``name`` at feature size ``in_dim``."""
+    model = build_method(name, in_dim=in_dim, network_kwargs=network_kwargs)
+    return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def _accepted_arguments(cls: type) -> tuple[dict[str, Any], bool]:
+    """Keyword arguments ``cls(...)`` accepts (name -> default), following ``**kwargs`` that a subclass
+    passes on to its base class; and whether anything is accepted (a ``**kwargs`` that is not passed on)."""
+    accepted: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object) or "__init__" not in vars(klass):
+            continue
+        params = list(inspect.signature(klass.__init__).parameters.values())[1:]
+        for p in params:
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+                accepted.setdefault(p.name, None if p.default is inspect.Parameter.empty else p.default)
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return accepted, False
+    return accepted, True
+
+
+def _network_class(name: str) -> type[nn.Module]:
+    from scripts.networks import MIL_NETWORKS
+
+    if not isinstance(name, str) or name not in MIL_NETWORKS:
+        raise KeyError(f"unknown MIL method {name!r}; registered: {', '.join(sorted(MIL_NETWORKS))}")
+    return MIL_NETWORKS[name]
+
+
+__all__ = [
+    "METHOD_DEFAULTS", "available_methods", "method_arguments", "resolve_method_kwargs", "build_method",
+    "method_factory", "count_parameters",
+]  # fmt: skip
