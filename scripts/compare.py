@@ -114,11 +114,15 @@ def as_bool(value: Any, name: str) -> bool:
 
 def resolve_methods(methods: Sequence[str] | str) -> list[str]:
     """Method names as a checked list (a comma-separated string is accepted); ``"all"`` = every
-    registered method."""
+    registered method (:data:`DEFAULT_METHODS` order first)."""
     from scripts.methods import available_methods
 
     if isinstance(methods, str):
-        methods = available_methods() if methods.strip() == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+        if methods.strip() == "all":
+            methods = [m for m in DEFAULT_METHODS if m in available_methods()]
+            methods += [m for m in available_methods() if m not in methods]
+        else:
+            methods = [m.strip() for m in methods.split(",") if m.strip()]
     methods = list(dict.fromkeys(methods))
     if not methods:
         raise ValueError("no methods to compare; e.g. --methods \"['smile','abmil_gated']\"")
@@ -158,6 +162,7 @@ def compare_methods(
     if reference not in methods:
         logger.warning("reference method %r is not among the compared methods; using %r", reference, methods[0])
         reference = methods[0]
+    methods = [reference] + [m for m in methods if m != reference]  # the reference heads the table
     out_dir = Path(output_dir) / "compare"
     out_dir.mkdir(parents=True, exist_ok=True)
     dim = int(bags[0].load().shape[1])
