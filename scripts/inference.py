@@ -195,9 +195,31 @@ def predict_bag(
 # ------------------------------------------------------------------------------------------ slide access
 def open_slide_for_outputs(path: str | Path, slide_id: str, mpp: float | None = None):
     """An open slide with ``dimensions``, ``thumbnail(max_size)`` and ``read_region((x, y), (w, h), level)``."""
-    from scripts.wsi.reader import open_slide
-
+    try:
+        from scripts.wsi.reader import open_slide
+    except ImportError:  # TEMPORARY until the preprocessing branch (scripts.wsi) is merged
+        return _OpenSlideHandle(path)
     return open_slide(path, slide_id=slide_id, mpp=mpp, require_mpp=False)
+
+
+class _OpenSlideHandle:  # TEMPORARY stand-in with the scripts.wsi.reader.SlideHandle interface
+    def __init__(self, path):
+        import openslide
+
+        self._slide = openslide.OpenSlide(str(path))
+        self.dimensions = self._slide.dimensions
+
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        return np.asarray(self._slide.get_thumbnail((max_size, max_size)).convert("RGB"))
+
+    def read_region(self, location, size, level: int = 0) -> np.ndarray:
+        return np.asarray(self._slide.read_region(tuple(int(v) for v in location), level, tuple(size)).convert("RGB"))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._slide.close()
 
 
 # --------------------------------------------------------------------------------------------- workflow
@@ -319,8 +341,7 @@ class SlideInference:
             result.timings["outputs"] = time.perf_counter() - start
         except Exception as error:  # noqa: BLE001 - one bad slide never stops the batch
             result.status, result.error = "failed", " ".join(str(error).split())[:500] or type(error).__name__
-            logger.error("slide %s failed: %s", record.slide_id, result.error)
-            logger.debug("traceback", exc_info=True)
+            logger.debug("slide %s failed", record.slide_id, exc_info=True)
         return result
 
     def _features_for(self, record: SlideRecord, timings: dict) -> Path:
@@ -371,7 +392,7 @@ class SlideInference:
             logger.info("[%d/%d] %s: P(STAS)=%.3f -> %s (threshold %.2f, %d patches) | %s", i, n, result.slide_id,
                         result.probability, verdict, result.threshold, result.n_patches, times)
         else:
-            logger.info("[%d/%d] %s: FAILED (%s) | %s", i, n, result.slide_id, result.error, times)
+            logger.error("[%d/%d] %s: FAILED (%s)%s", i, n, result.slide_id, result.error, f" | {times}" if times else "")
 
 
 def _patch_size_level0(feature_file: Path, patch_file: Path) -> float:
