@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import sys
+import tempfile
 import warnings
 
 _QUIET_ENV = {
@@ -23,6 +24,9 @@ _QUIET_ENV = {
     # do not try to reach the hub from timm / huggingface
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # cuFile (GPUDirect Storage, loaded by cuCIM) writes cufile.log into the working directory
+    "CUFILE_LOGFILE_PATH": os.path.join(tempfile.gettempdir(), f"cufile-{os.getuid()}.log"),
+    "CUFILE_LOGGING_LEVEL": "FATAL",
 }
 
 _IGNORED_WARNINGS = (
