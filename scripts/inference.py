@@ -222,6 +222,68 @@ class _OpenSlideHandle:  # TEMPORARY stand-in with the scripts.wsi.reader.SlideH
         self._slide.close()
 
 
+# ------------------------------------------------------------------------------------------------ stages
+class PatchStage:
+    """Slide -> tissue patch grid, with the preprocessing workflow's own per-slide function.
+
+    Returns ``(patch file, {"read": s, "tissue": s, "grid": s})``; raises when the slide has no usable
+    patch (failed or no tissue), so that slide is reported and the run goes on.
+    """
+
+    def __init__(self, settings, output_dir: str | Path) -> None:
+        self.settings = settings  # scripts.preprocess.PreprocessSettings
+        self.output_dir = Path(output_dir)
+
+    def __call__(self, record: SlideRecord) -> tuple[Path, dict]:
+        from scripts.preprocess import preprocess_slide
+
+        start = time.perf_counter()
+        row = preprocess_slide(record, self.settings, self.output_dir)
+        total = time.perf_counter() - start
+        if row.get("status") != "ok" or not row.get("patch_file"):
+            raise RuntimeError(f"preprocessing: {row.get('status')}: {row.get('error') or row.get('warning')}")
+        timings = {}
+        for stage in ("read", "tissue", "grid"):
+            value = row.get(f"seconds_{stage}")
+            if value not in (None, ""):
+                timings[stage] = float(value)
+        if not timings:  # a preprocessing row without the split: report the whole step as reading
+            timings["read"] = total
+        return Path(row["patch_file"]), timings
+
+
+class FeatureStage:
+    """Patch grid -> feature file, with the feature-extraction workflow (one slide at a time).
+
+    ``encoder`` is a callable that builds the encoder (``build_encoder`` in ``_mode_: partial``): it is
+    built on the first slide that needs it, so parsing the config needs no weights file.
+    """
+
+    def __init__(self, encoder: Callable[[], Any], output_dir: str | Path, device: torch.device | str = "cpu",
+                 batch_size: int = 32, num_workers: int = 2, reader_backend: str = "auto",
+                 overwrite: bool = False, progress: bool = False) -> None:
+        self.encoder_factory = encoder
+        self.output_dir = Path(output_dir)
+        self.options = dict(device=device, batch_size=batch_size, num_workers=num_workers,
+                            reader_backend=reader_backend, overwrite=overwrite, progress=progress, distributed=False)
+        self._workflow = None
+
+    def __call__(self, record: SlideRecord, patch_file: Path) -> tuple[Path, float]:
+        from scripts.extract import FeatureExtractionWorkflow
+
+        start = time.perf_counter()
+        if self._workflow is None:
+            encoder = self.encoder_factory() if callable(self.encoder_factory) and not hasattr(
+                self.encoder_factory, "feature_dim") else self.encoder_factory
+            self._workflow = FeatureExtractionWorkflow(datalist="", output_dir=self.output_dir, encoder=encoder,
+                                                       **self.options)
+            self._workflow._configure_torch(1)
+        row = self._workflow._extract([record], 0, 1)[0]
+        if row["status"] not in ("ok", "skipped"):
+            raise RuntimeError(f"feature extraction: {row['status']}: {row['error']}")
+        return self.output_dir / "features" / f"{record.slide_id}.h5", time.perf_counter() - start
+
+
 # --------------------------------------------------------------------------------------------- workflow
 @dataclass
 class SlideResult:
