@@ -255,7 +255,7 @@ class PatchStage:
 class FeatureStage:
     """Patch grid -> feature file, with the feature-extraction workflow (one slide at a time).
 
-    ``encoder`` is a callable that builds the encoder (``build_encoder`` in ``_mode_: partial``): it is
+    ``encoder`` is a callable that builds the encoder (``build_encoder`` with ``"_mode_": "callable"``): it is
     built on the first slide that needs it, so parsing the config needs no weights file.
     """
 
