@@ -121,3 +121,52 @@ def test_missing_features_without_stages_fails_per_slide(tmp_path):
     workflow.threshold = 0.5
     result = workflow.run_slide(SlideRecord("s1", None, None, "p", "c"))
     assert result.status == "failed" and "no features for slide s1" in result.error
+
+
+@pytest.mark.slow
+def test_raw_slides_end_to_end(shared_slides, tmp_path, bundle_root):
+    """Raw slides (one synthetic demo TIFF and the real CMU region) through tissue, grid, random-weight
+    CTransPath and a 2-fold SMILE ensemble; every output written and the GeoJSON inside each slide."""
+    pytest.importorskip("scripts.preprocess")
+    pytest.importorskip("scripts.extract")
+    from scripts.demo_cohort import make_demo_cohort
+
+    cohort = make_demo_cohort(tmp_path / "cohort", n_slides=1, n_patients=1, size_um=640, seed=3, show_progress=False)
+    rows = list(csv.DictReader(open(cohort)))
+    datalist = tmp_path / "datalist.csv"
+    with open(datalist, "w", newline="") as handle:
+        w = csv.writer(handle)
+        w.writerow(["slide_id", "path", "label", "patient_id", "center"])
+        w.writerow([rows[0]["slide_id"], str(cohort.parent / rows[0]["path"]), "", "p1", "c1"])
+        w.writerow(["cmu", str(shared_slides / "cmu-1-small-region.svs"), "", "p2", "c2"])
+        w.writerow(["broken", str(shared_slides / "broken.svs"), "", "p3", "c3"])
+    _fold_checkpoints(tmp_path / "cv", n=2, thresholds=(0.4, 0.6))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+           "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
+           "--datalist", str(datalist), "--output_dir", str(out), "--checkpoints", str(tmp_path / "cv"),
+           "--allow_random_weights", "true", "--num_workers", "1", "--top_k", "4"]
+    proc = subprocess.run(cmd, cwd=bundle_root, env=dict(os.environ, PYTHONPATH=str(bundle_root)),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    for stage in ("read", "tissue", "grid", "features", "mil", "outputs"):
+        assert f"{stage} " in log
+    results = {r["slide_id"]: r for r in csv.DictReader(open(out / "predictions.csv"))}
+    assert results["broken"]["status"] == "failed" and results["broken"]["error"]
+    sizes = {"cmu": (2220, 2967)}
+    import openslide
+
+    for slide_id in (rows[0]["slide_id"], "cmu"):
+        assert results[slide_id]["status"] == "ok", results[slide_id]
+        n = int(results[slide_id]["n_patches"])
+        assert n > 0
+        for name in (f"heatmaps/{slide_id}.png", f"heatmaps/{slide_id}_topk.png", f"attention/{slide_id}.h5"):
+            assert (out / name).is_file()
+        width, height = sizes.get(slide_id) or openslide.OpenSlide(str(cohort.parent / rows[0]["path"])).dimensions
+        features = json.loads((out / "geojson" / f"{slide_id}.geojson").read_text())["features"]
+        assert len(features) == n
+        for feature in features:
+            ring = np.asarray(feature["geometry"]["coordinates"][0])
+            assert 0 <= ring[:, 0].min() and ring[:, 0].max() <= width
+            assert 0 <= ring[:, 1].min() and ring[:, 1].max() <= height
