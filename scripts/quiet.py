@@ -57,31 +57,38 @@ def quiet_native_libraries() -> None:
 
 
 @contextlib.contextmanager
-def native_stderr_silenced(note: str | None = None):
-    """Silence what native libraries write straight to file descriptor 2 inside the block.
+def native_output_silenced(note: str | None = None):
+    """Silence what native libraries write straight to file descriptors 1 and 2 inside the block.
 
-    cuCIM prints several lines about libcuda / cuFile (GPUDirect Storage) the first time it opens a
-    file on a machine without a GPU driver. Those come from C++ and bypass Python's ``sys.stderr``, so
-    the descriptor itself is pointed at /dev/null for the block. ``note`` is logged once instead.
+    On machines without a GPU driver cuCIM prints lines about libcuda / cuFile (GPUDirect Storage) on
+    fd 1 the first time it opens a file, and its bundled libtiff prints codec notes on fd 2. Those come
+    from C++ and bypass Python's ``sys.stdout`` / ``sys.stderr``, so the descriptors themselves are
+    pointed at /dev/null for the block. ``note`` is logged once instead.
     """
-    global _noted
+    saved = []
     try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no real descriptor (e.g. captured by a test runner)
+        for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+            stream.flush()
+            saved.append((fd, os.dup(fd)))
+    except (OSError, ValueError, AttributeError):  # no real descriptors (e.g. captured by a test runner)
+        for _, copy in saved:
+            os.close(copy)
         yield
         return
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(devnull, 2)
+        for fd, _ in saved:
+            os.dup2(devnull, fd)
         yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
         os.close(devnull)
     if note and note not in _noted:
         _noted.add(note)
         logging.getLogger("scripts").info(note)
 
 
+native_stderr_silenced = native_output_silenced  # older name, kept for callers
 _noted: set[str] = set()

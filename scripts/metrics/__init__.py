@@ -1,0 +1,1 @@
+"""Evaluation metrics and statistics (paired comparisons of methods on the same slides)."""
