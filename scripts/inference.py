@@ -195,31 +195,9 @@ def predict_bag(
 # ------------------------------------------------------------------------------------------ slide access
 def open_slide_for_outputs(path: str | Path, slide_id: str, mpp: float | None = None):
     """An open slide with ``dimensions``, ``thumbnail(max_size)`` and ``read_region((x, y), (w, h), level)``."""
-    try:
-        from scripts.wsi.reader import open_slide
-    except ImportError:  # TEMPORARY until the preprocessing branch (scripts.wsi) is merged
-        return _OpenSlideHandle(path)
+    from scripts.wsi.reader import open_slide
+
     return open_slide(path, slide_id=slide_id, mpp=mpp, require_mpp=False)
-
-
-class _OpenSlideHandle:  # TEMPORARY stand-in with the scripts.wsi.reader.SlideHandle interface
-    def __init__(self, path):
-        import openslide
-
-        self._slide = openslide.OpenSlide(str(path))
-        self.dimensions = self._slide.dimensions
-
-    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
-        return np.asarray(self._slide.get_thumbnail((max_size, max_size)).convert("RGB"))
-
-    def read_region(self, location, size, level: int = 0) -> np.ndarray:
-        return np.asarray(self._slide.read_region(tuple(int(v) for v in location), level, tuple(size)).convert("RGB"))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._slide.close()
 
 
 # ------------------------------------------------------------------------------------------------ stages

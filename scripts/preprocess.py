@@ -42,7 +42,8 @@ logger = logging.getLogger("scripts.preprocess")
 
 SUMMARY_COLUMNS = [
     "slide_id", "status", "error", "warning", "mpp", "mpp_source", "backend", "level", "level_downsample",
-    "read_size_level", "scale", "n_patches", "tissue_area_mm2", "seconds", "path", "patch_file", "preview",
+    "read_size_level", "scale", "n_patches", "tissue_area_mm2", "seconds", "seconds_read", "seconds_tissue",
+    "seconds_grid", "path", "patch_file", "preview",
 ]
 
 
@@ -132,7 +133,9 @@ def _preprocess_open_slide(record, settings, output_dir, h5_path, png_path, star
         mask_ds = max(1.0, settings.mask_mpp / handle.mpp, max(width, height) / float(settings.max_mask_side))
         thumb = handle.read_scaled(mask_ds)
         mask_ds = width / float(thumb.shape[1])  # the exact grid after rounding
+        read_done = time.perf_counter()  # stage timings (open + low-resolution read, tissue mask, grid)
         mask, info = tissue_mask(thumb, handle.mpp * mask_ds, settings.tissue)
+        tissue_done = time.perf_counter()
         grid = patch_grid(
             handle.dimensions, handle.level_downsamples, handle.mpp, mask, mask_ds, settings.patch_size,
             settings.target_mpp, settings.effective_overlap, settings.min_tissue_fraction,
@@ -162,6 +165,8 @@ def _preprocess_open_slide(record, settings, output_dir, h5_path, png_path, star
             backend=handle.backend, level=grid.level, level_downsample=round(grid.level_downsample, 6),
             read_size_level=grid.read_size_level, scale=round(grid.scale, 6), n_patches=n,
             tissue_area_mm2=round(info["tissue_area_mm2"], 4), seconds=round(time.perf_counter() - start, 3),
+            seconds_read=round(read_done - start, 3), seconds_tissue=round(tissue_done - read_done, 3),
+            seconds_grid=round(time.perf_counter() - tissue_done, 3),
             patch_file=str(h5_path) if n else "", preview=str(png_path) if settings.preview else "",
         )
 
