@@ -100,3 +100,12 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.network
         else:
             return model
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank, e.g. before validation, so
+    every rank evaluates the very same network and takes the same early-stopping decision."""
+    if world_size() <= 1:
+        return
+    for buffer in unwrap(model).buffers():
+        torch.distributed.broadcast(buffer.data, src=0)
