@@ -79,14 +79,14 @@ def test_net_in_out_and_torchscript_export(in_bundle, tmp_path):
     assert attention.shape == (1, 50)
 
 
-def _missing_properties(config_file, workflow_type):
+def _missing_properties(config_file, workflow_type, **overrides):
     import warnings
 
     from monai.bundle import create_workflow
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        workflow = create_workflow(config_file=config_file, meta_file=META, workflow_type=workflow_type)
+        workflow = create_workflow(config_file=config_file, meta_file=META, workflow_type=workflow_type, **overrides)
         return workflow.check_properties()
 
 
@@ -94,8 +94,27 @@ def test_infer_workflow_properties(in_bundle):
     assert _missing_properties(INFER, "infer") == []
 
 
-def test_train_workflow_properties(in_bundle):
+def test_train_workflow_properties(in_bundle, tmp_path):
+    """The train properties are resolved (hasattr builds them), so they get a small real feature cohort."""
+    import csv
+
+    import h5py
+    import numpy as np
+
     train = in_bundle / "configs" / "train.json"
     if not train.is_file():
         pytest.skip("configs/train.json not in this checkout yet")
-    assert _missing_properties(str(train), "train") == []
+    rng = np.random.default_rng(0)
+    with open(tmp_path / "datalist.csv", "w", newline="") as handle:
+        w = csv.writer(handle)
+        w.writerow(["slide_id", "path", "label", "patient_id", "center", "features"])
+        for i in range(4):
+            with h5py.File(tmp_path / f"s{i}.h5", "w") as h5:
+                h5["features"] = rng.standard_normal((5, 768)).astype(np.float32)
+                h5["coords"] = np.zeros((5, 2), np.int64)
+            w.writerow([f"s{i}", "", i % 2, f"p{i}", "c", f"s{i}.h5"])
+    missing = _missing_properties(str(train), "train", datalist=str(tmp_path / "datalist.csv"),
+                                  output_dir=str(tmp_path / "out"))
+    assert missing == [], (
+        f"configs/train.json lacks Model Zoo train properties {missing}: it needs ids dataset_dir, "
+        "train#dataset, train#inferer, train#trainer (with max_epochs)")
