@@ -59,12 +59,29 @@ def test_net_in_out_and_torchscript_export(in_bundle, tmp_path):
         for n in (1, 37):  # the bag size is free ("*")
             verify_net_in_out(net_id="network_def", meta_file=META, config_file=INFER, any=n, device="cpu")
 
+    # a training checkpoint, published as models/model.pt would be (scripts.publish_model)
+    from scripts.networks.smile import SMILE
+    from scripts.publish_model import publish_model
+
+    torch.manual_seed(0)
+    trained = SMILE(in_dim=768)
+    train_ckpt = tmp_path / "train_model.pt"
+    torch.save({"model": trained.state_dict(), "network": {"name": "smile", "class": "scripts.networks.smile.SMILE",
+                                                            "kwargs": trained.config}, "threshold": 0.42}, train_ckpt)
+    ckpt = publish_model(train_ckpt, out=tmp_path / "model.pt", config_file=INFER)
+    assert json.loads((tmp_path / "model_info.json").read_text())["threshold"] == 0.42
     parser = ConfigParser()
     parser.read_config(INFER)
-    torch.manual_seed(0)
     net = parser.get_parsed_content("network_def").eval()
-    ckpt = tmp_path / "model.pt"
-    torch.save(net.state_dict(), ckpt)
+    net.load_state_dict(torch.load(ckpt, weights_only=True))  # strictly: exactly network_def's state_dict
+    with torch.no_grad():
+        bag = torch.rand(30, 768)
+        torch.testing.assert_close(net(bag.T.unsqueeze(0)).reshape(1), trained.eval()(bag))
+    # a model trained with other SMILE settings is refused (a state_dict does not carry them)
+    other = SMILE(in_dim=768, factor=0.3)
+    torch.save({"model": other.state_dict(), "network": {"name": "smile", "kwargs": other.config}}, tmp_path / "o.pt")
+    with pytest.raises(ValueError, match="factor"):
+        publish_model(tmp_path / "o.pt", out=tmp_path / "o_model.pt", config_file=INFER)
     ts = tmp_path / "model.ts"
     cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
            "--ckpt_file", str(ckpt), "--meta_file", META, "--config_file", INFER]
