@@ -133,6 +133,11 @@ def load_checkpoint_model(path: str | Path, network_def: nn.Module) -> tuple[nn.
     if isinstance(checkpoint, dict) and "model" in checkpoint and isinstance(checkpoint["model"], dict):
         state = checkpoint["model"]
         extras = {k: v for k, v in checkpoint.items() if k != "model"}
+    info = path.with_name(path.stem + "_info.json")  # written beside models/model.pt by scripts.publish_model
+    if not extras and info.is_file():
+        import json
+
+        extras = {k: v for k, v in json.loads(info.read_text()).items() if k != "network"}
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"{path} holds no state_dict (expected a training checkpoint or a state_dict)")
     spec = extras.get("network")
