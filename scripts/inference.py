@@ -243,12 +243,12 @@ class FeatureStage:
     """
 
     def __init__(self, encoder: Callable[[], Any], output_dir: str | Path, device: torch.device | str = "cpu",
-                 batch_size: int = 32, num_workers: int = 2, reader_backend: str = "auto",
+                 batch_size: int = 32, num_workers: int = 2, reader_backend: str = "auto", num_threads: int = 0,
                  overwrite: bool = False, progress: bool = False) -> None:
         self.encoder_factory = encoder
         self.output_dir = Path(output_dir)
         self.options = dict(device=device, batch_size=batch_size, num_workers=num_workers,
-                            reader_backend=reader_backend, overwrite=overwrite, progress=progress, distributed=False)
+                            reader_backend=reader_backend, num_threads=num_threads, overwrite=overwrite, progress=progress, distributed=False)
         self._workflow = None
 
     def __call__(self, record: SlideRecord, patch_file: Path) -> tuple[Path, float]:
