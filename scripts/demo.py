@@ -50,6 +50,11 @@ def demo_stages(workdir: Path, quick: bool) -> list[Stage]:
     if (configs / "preprocess.json").exists():
         stages.append(Stage("preprocess", bundle_run("preprocess.json", "--datalist", str(datalist), "--output_dir", str(out)),
                             [str(out / "patches"), str(out / "previews"), str(out / "preprocess_summary.csv")]))
+    if (configs / "extract.json").exists():
+        # no CTransPath weights ship with the demo: random (seeded) weights, stamped into every output
+        stages.append(Stage("extract features", bundle_run("extract.json", "--datalist", str(datalist), "--output_dir", str(out),
+                                                           "--allow_random_weights", "true"),
+                            [str(out / "features"), str(out / "extract_summary.csv")]))
     return stages
 
 
