@@ -30,15 +30,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import h5py
 import numpy as np
 import torch
 
 from scripts.datalist import load_datalist
-from scripts.extract_reader import open_patch_reader, resize_batch, warm_up
 from scripts.io_utils import atomic_path, write_csv
 from scripts.networks.encoders import Encoder
+from scripts.wsi.reader import DEFAULT_BACKENDS, PatchReader, warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +190,17 @@ class _SlideWriter:
             self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)  # deletes the temporary file
 
 
+def reader_backends(reader_backend: str | Sequence[str]) -> tuple[str, ...]:
+    """``reader_backend`` ("auto", one backend name, or a list) -> the backends ``PatchReader`` tries, in order."""
+    names = (reader_backend,) if isinstance(reader_backend, str) else tuple(reader_backend)
+    if names == ("auto",):
+        return DEFAULT_BACKENDS
+    unknown = [n for n in names if n not in DEFAULT_BACKENDS]
+    if unknown or not names:
+        raise ValueError(f"reader_backend {reader_backend!r}: choose 'auto' or from {DEFAULT_BACKENDS}")
+    return names
+
+
 class FeatureExtractionWorkflow:
     """Extract features for every slide of a datalist (the ``run`` of configs/extract.json).
 
@@ -200,7 +212,8 @@ class FeatureExtractionWorkflow:
         batch_size: patches per encoder batch (and per read batch).
         num_workers: reader threads (cuCIM's thread pool / decoding threads).
         prefetch_batches: read-ahead depth of the reader thread.
-        reader_backend: "auto", "cucim", "openslide" or "tifffile".
+        reader_backend: "auto" (cuCIM behind its crash-safe probe, then OpenSlide, tifffile, DICOM: see
+            ``scripts.wsi.reader``) or one of "cucim", "openslide", "tifffile", "dicom".
         num_threads: torch CPU threads (0: torch's default, divided among ranks sharing a CPU machine).
         overwrite: extract again even when a complete feature file exists.
         compile: ``torch.compile`` the encoder (worth it on a GPU for large cohorts).
@@ -232,6 +245,7 @@ class FeatureExtractionWorkflow:
         self.num_workers = int(num_workers)
         self.prefetch_batches = max(1, int(prefetch_batches))
         self.reader_backend = reader_backend
+        self.backends = reader_backends(reader_backend)
         self.num_threads = int(num_threads)
         self.overwrite = bool(overwrite)
         self.compile = bool(compile)
@@ -331,7 +345,7 @@ class FeatureExtractionWorkflow:
         model = self.encoder.to(self.device)
         if self.compile:
             model.model = torch.compile(model.model)
-        warm_up(jobs[0].slide_path, jobs[0].level, self.reader_backend)
+        warm_up([job.slide_path for job in jobs], self.backends)
         total = sum(len(j.coords) for j in jobs)
         bar = None
         if self.progress:
@@ -411,16 +425,16 @@ class FeatureExtractionWorkflow:
             if stop.is_set():
                 return
             try:
-                reader = open_patch_reader(info.slide_path, info.level, backend=self.reader_backend)
+                reader = PatchReader(info.slide_path, self.backends, slide_id=info.slide_id)
             except Exception as exc:  # noqa: BLE001 - handed to the consumer, reported per slide
                 put(("error", index, exc))
                 continue
             try:
-                if not put(("start", index, reader.name)):
+                if not put(("start", index, reader.backend)):
                     return
-                for batch in reader.read_batches(info.coords, info.level, info.read_size, self.batch_size,
-                                                 self.num_workers):
-                    if not put(("batch", index, resize_batch(batch, info.patch_size))):
+                for batch, _ in reader.batches(info.coords, info.read_size, info.level, info.patch_size,
+                                               self.batch_size, self.num_workers):
+                    if not put(("batch", index, batch)):
                         return
                 put(("end", index, None))
             except Exception as exc:  # noqa: BLE001 - handed to the consumer, reported per slide

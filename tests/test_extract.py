@@ -19,11 +19,17 @@ import tifffile
 import torch
 
 from scripts.extract import FeatureExtractionWorkflow, read_patch_file
-from scripts.extract_reader import read_patches, resize_batch
 from scripts.networks.encoders import build_encoder
+from scripts.wsi.reader import iter_patch_batches, open_slide, resize_rgb
 
 # level-0 top-left (x, y) of the patches written for every test slide; read at level 1 (0.5 um/px)
 COORDS = np.array([[0, 0], [512, 0], [1024, 512]], dtype=np.int64)
+
+
+def read_patches(slide, coords, level, read_size, out_size, backend, **kw) -> np.ndarray:
+    """Every patch of ``coords`` through the bundle's reader with one backend, as one (N, out, out, 3) array."""
+    batches = iter_patch_batches(slide, coords, read_size, level, out_size, backends=(backend,), **kw)
+    return np.concatenate([patches for patches, _ in batches])
 
 
 def make_slide(path: Path, seed: int) -> np.ndarray:
@@ -102,7 +108,7 @@ def bundle_env() -> dict:
 def test_readers_agree_at_level_1(tmp_path):
     slide = tmp_path / "a.tif"
     level1 = make_slide(slide, seed=3)
-    results = {b: np.concatenate(list(read_patches(slide, COORDS, 1, 256, 256, batch_size=2, num_workers=2, backend=b)))
+    results = {b: read_patches(slide, COORDS, 1, 256, 256, b, batch_size=2, num_workers=2)
                for b in ("cucim", "openslide", "tifffile")}
     for name, patches in results.items():
         assert patches.shape == (3, 256, 256, 3) and patches.dtype == np.uint8, name
@@ -140,7 +146,7 @@ def test_features_are_the_encoder_of_the_recorded_patches(tmp_path, encoder):
             assert h5.attrs["encoder"] == "ctranspath" and h5.attrs["weights_sha256"] == "random"
             assert h5.attrs["patch_size"] == 256 and h5.attrs["mpp"] == 0.25
             got = h5["features"][()]
-        patches = np.concatenate(list(read_patches(tmp_path / f"slide{i}.tif", COORDS, 1, 256, 256, backend="tifffile")))
+        patches = read_patches(tmp_path / f"slide{i}.tif", COORDS, 1, 256, 256, "tifffile")
         expected = encoder(torch.from_numpy(patches)).numpy()
         np.testing.assert_allclose(got, expected, atol=1e-4)
     rows = summary(out)
@@ -166,9 +172,47 @@ def test_real_aperio_slide(shared_slides, tmp_path, encoder):
 
     with openslide.OpenSlide(str(slide)) as osr:
         patches = np.stack([np.asarray(osr.read_region((int(x), int(y)), 0, (257, 257)))[..., :3] for x, y in coords])
-    patches = resize_batch(patches, 256)
+    patches = np.stack([resize_rgb(patch, 256) for patch in patches])
     assert patches.shape == (3, 256, 256, 3)
     np.testing.assert_allclose(got, encoder(torch.from_numpy(patches)).numpy(), atol=1e-4)
+
+
+def test_cucim_batches_are_copied_before_the_iterator_advances(shared_slides):
+    # cuCIM's batched read_region hands out batches whose np.asarray view points into a buffer it frees or
+    # reuses on the next step: every batch must equal a one-patch-at-a-time read of the same coordinates
+    slide = shared_slides / "cmu-1-small-region.svs"
+    xs, ys = np.arange(0, 2220 - 256, 256), np.arange(0, 2967 - 256, 256)
+    coords = np.array([(x, y) for y in ys for x in xs], dtype=np.int64)[:40]
+    batches = list(iter_patch_batches(slide, coords, 256, 0, 256, batch_size=6, num_workers=2, backends=("cucim",)))
+    assert [len(p) for p, _ in batches] == [6] * 6 + [4]
+    np.testing.assert_array_equal(np.concatenate([c for _, c in batches]), coords)
+    with open_slide(slide, backends=("cucim",)) as handle:
+        assert handle.backend == "cucim"
+        for i, (x, y) in enumerate(coords):
+            single = handle.read_region((int(x), int(y)), (256, 256), 0)
+            np.testing.assert_array_equal(batches[i // 6][0][i % 6], single, err_msg=f"patch {i} at {(x, y)}")
+
+
+def test_slide_that_crashes_cucim_is_read_by_a_fallback(shared_slides, tmp_path, encoder):
+    # cuCIM 26.10 segfaults on boxes.tiff: extraction must read it with OpenSlide and the process live on
+    slide = shared_slides / "boxes.tiff"
+    coords = np.array([[0, 0], [40, 0], [20, 10]], dtype=np.int64)
+    out = tmp_path / "out"
+    write_patch_file(out / "patches" / "boxes.h5", slide, coords=coords, level=0, downsample=1.0, mpp=0.5,
+                     with_level0=False)  # read 256 px at level 0 (the slide is 300 x 250: edges come back white)
+    datalist = tmp_path / "datalist.csv"
+    datalist.write_text(f"slide_id,path,label,patient_id,center,mpp\nboxes,{slide},,p1,c1,0.5\n")
+    rows = run_workflow(datalist, out, encoder)
+    assert rows[0]["status"] == "ok", rows
+    with h5py.File(out / "features" / "boxes.h5", "r") as h5:
+        assert h5.attrs["reader"] == "openslide"
+        got = h5["features"][()]
+    patches = read_patches(slide, coords, 0, 256, 256, "openslide")
+    assert (patches[0, 250:] == 255).all() and (patches[2, 240:] == 255).all() and not (patches[1] == 255).all()
+    np.testing.assert_allclose(got, encoder(torch.from_numpy(patches)).numpy(), atol=1e-4)
+    # cuCIM alone: a failed row that says why, not a dead process
+    rows = run_workflow(datalist, tmp_path / "out", encoder, reader_backend="cucim", overwrite=True)
+    assert rows[0]["status"] == "failed" and "crashed" in rows[0]["error"]
 
 
 def test_one_bad_slide_is_reported_and_others_go_on(tmp_path, encoder):

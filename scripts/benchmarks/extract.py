@@ -4,7 +4,7 @@
         [--encoder ctranspath] [--weights models/ctranspath.pth] [--device auto] [--compile auto]
         [--num_workers 2] [--threads 0]
 
-* reading: ``read_patches`` over a grid of 256-px patches of the slide (decode + copy, no encoder);
+* reading: ``scripts.wsi.reader.iter_patch_batches`` over a grid of 256-px patches of the slide (decode + copy, no encoder);
 * encoder: uint8 patches already in memory -> preprocessing (resize 256->224, normalise) -> encoder;
   on CUDA in bf16 autocast, for each batch size, without and with ``torch.compile``;
 * end to end: the extraction workflow on those patches (reader thread + encoder + HDF5 writing).
@@ -25,24 +25,16 @@ import torch
 
 import scripts  # noqa: F401  (quiet native libraries)
 from scripts.extract import FeatureExtractionWorkflow
-from scripts.extract_reader import open_patch_reader, read_patches
 from scripts.networks.encoders import build_encoder
+from scripts.wsi.reader import DEFAULT_BACKENDS, PatchReader, iter_patch_batches
 
 _SHARED = Path(os.environ.get("SMILE_SHARED_DIR", Path(__file__).resolve().parents[2].parent / "shared"))
 DEFAULT_SLIDE = _SHARED / "data" / "slides" / "cmu-1-small-region.svs"
 
 
 def _grid(slide: Path, n: int, size: int = 256) -> np.ndarray:
-    reader = open_patch_reader(slide, 0)
-    try:
-        if reader.name == "cucim":
-            width, height = reader.image.resolutions["level_dimensions"][0]
-        elif reader.name == "openslide":
-            width, height = reader.slide.level_dimensions[0]
-        else:
-            height, width = reader.pages[0].shape[:2]
-    finally:
-        reader.close()
+    with PatchReader(slide) as reader:
+        width, height = reader.handle.dimensions
     xs, ys = np.arange(0, width - size + 1, size), np.arange(0, height - size + 1, size)
     grid = np.array([(x, y) for y in ys for x in xs], dtype=np.int64)
     if len(grid) == 0:
@@ -54,11 +46,11 @@ def _rate(n: int, seconds: float) -> str:
     return f"{n / seconds:10.1f}"
 
 
-def bench_reading(slide, coords, batch_size, num_workers, backend="auto", repeats=2) -> float:
+def bench_reading(slide, coords, batch_size, num_workers, backends=DEFAULT_BACKENDS, repeats=2) -> float:
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        n = sum(len(b) for b in read_patches(slide, coords, 0, 256, 256, batch_size, num_workers, backend=backend))
+        n = sum(len(b) for b, _ in iter_patch_batches(slide, coords, 256, 0, 256, batch_size, num_workers, backends))
         best = min(best, time.perf_counter() - start)
     return n / best
 

@@ -11,8 +11,9 @@ Backends, tried in order (``DEFAULT_BACKENDS``):
 
 Every backend returns RGB uint8 (an alpha channel is dropped). ``SlideHandle`` exposes the level
 geometry, ``mpp`` with ``mpp_source`` (from ``scripts.wsi.mpp``, never a backend's default), and
-``read_region(location_level0_xy, size_wh, level)``. ``iter_patch_batches`` reads a patch grid for
-feature extraction with cuCIM's batched, multi-threaded ``read_region`` when cuCIM can read the file.
+``read_region(location_level0_xy, size_wh, level)``. ``PatchReader`` (and ``iter_patch_batches``) reads
+a patch grid for feature extraction: cuCIM's batched, multi-threaded ``read_region`` when cuCIM can read
+the file, else the fallback backend's ``read_region`` in a thread pool; ``warm_up`` probes a cohort first.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import math
 import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -126,6 +129,7 @@ class SlideHandle:
     """An open slide: level geometry, resolution with its source, RGB region reads."""
 
     backend = "base"
+    parallel_reads = True  # read_region may be called from several threads at once
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -304,6 +308,7 @@ class TiffFileHandle(SlideHandle):
             self.level_dimensions.append((int(page.imagewidth), int(page.imagelength)))
             self.level_downsamples.append(float(base_w) / page.imagewidth if page.imagewidth else 1.0)
         self._whole: dict[int, np.ndarray] = {}
+        self._file_lock = threading.Lock()  # seek + read of one tile at a time; decoding runs in parallel
         del base_h
 
     def _read(self, location, size, level):
@@ -335,8 +340,9 @@ class TiffFileHandle(SlideHandle):
                 offset, count = page.dataoffsets[index], page.databytecounts[index]
                 if not count:
                     continue
-                fh.seek(offset)
-                data = fh.read(count)
+                with self._file_lock:
+                    fh.seek(offset)
+                    data = fh.read(count)
                 tile, _, _ = decode(data, index, jpegtables=jpegtables)
                 tile = _hwc(np.asarray(tile).reshape(tile.shape[-3:]) if tile.ndim > 3 else tile)
                 # the tile's place in the level and its overlap with the request
@@ -361,6 +367,7 @@ class DicomHandle(SlideHandle):
     """A single-file DICOM whole-slide image (TILED_FULL frames, one resolution), frames decoded on demand."""
 
     backend = "dicom"
+    parallel_reads = False  # frames are decoded into a shared cache
 
     def __init__(self, path):
         super().__init__(path)
@@ -435,31 +442,11 @@ def _open_backend(path: Path, backend: str) -> SlideHandle:
     raise ValueError(f"unknown backend {backend!r}; choose from {DEFAULT_BACKENDS}")
 
 
-def open_slide(
-    path: str | os.PathLike,
-    backends: Sequence[str] = DEFAULT_BACKENDS,
-    slide_id: str | None = None,
-    mpp: float | None = None,
-    default_mpp: float | None = None,
-    require_mpp: bool = True,
-    cucim_verdict: tuple[bool, str] | None = None,
+def _open_first_backend(
+    path: Path, backends: Sequence[str], slide_id: str, cucim_verdict: tuple[bool, str] | None = None
 ) -> SlideHandle:
-    """Open ``path`` with the first backend that can read it, and resolve its level-0 mpp.
-
-    Args:
-        backends: tried in order; cuCIM only after the crash-safe probe said yes.
-        slide_id: used in error messages (defaults to the file name).
-        mpp: a user-given value (datalist ``mpp`` column) that overrides the metadata.
-        default_mpp: used only when neither ``mpp`` nor the metadata has a plausible value.
-        require_mpp: raise ``MppError`` when no resolution is found (else ``handle.mpp`` stays None).
-        cucim_verdict: a probe verdict already obtained (e.g. by the parent of a worker pool).
-
-    Raises:
-        SlideReadError: every backend failed (each one's reason is listed).
-        mpp.MppError: no usable resolution and ``require_mpp``.
-    """
-    path = Path(path)
-    slide_id = slide_id or path.stem
+    """The first backend in ``backends`` that opens ``path`` and decodes a few pixels (no mpp lookup);
+    ``handle.notes`` says why earlier backends were passed over."""
     if not path.is_file():
         raise SlideReadError(f"slide {slide_id!r}: file {path} does not exist; fix the datalist path")
     kind = mpp_lib.file_kind(path)
@@ -491,6 +478,35 @@ def open_slide(
             f"complete whole-slide image (TIFF/SVS/NDPI/MRXS/DICOM); re-copy it if it was truncated."
         )
     handle.notes.extend(reasons)
+    return handle
+
+
+def open_slide(
+    path: str | os.PathLike,
+    backends: Sequence[str] = DEFAULT_BACKENDS,
+    slide_id: str | None = None,
+    mpp: float | None = None,
+    default_mpp: float | None = None,
+    require_mpp: bool = True,
+    cucim_verdict: tuple[bool, str] | None = None,
+) -> SlideHandle:
+    """Open ``path`` with the first backend that can read it, and resolve its level-0 mpp.
+
+    Args:
+        backends: tried in order; cuCIM only after the crash-safe probe said yes.
+        slide_id: used in error messages (defaults to the file name).
+        mpp: a user-given value (datalist ``mpp`` column) that overrides the metadata.
+        default_mpp: used only when neither ``mpp`` nor the metadata has a plausible value.
+        require_mpp: raise ``MppError`` when no resolution is found (else ``handle.mpp`` stays None).
+        cucim_verdict: a probe verdict already obtained (e.g. by the parent of a worker pool).
+
+    Raises:
+        SlideReadError: every backend failed (each one's reason is listed).
+        mpp.MppError: no usable resolution and ``require_mpp``.
+    """
+    path = Path(path)
+    slide_id = slide_id or path.stem
+    handle = _open_first_backend(path, backends, slide_id, cucim_verdict)
     try:
         candidates = mpp_lib.collect_candidates(path, getattr(handle, "openslide_properties", None))
         try:
@@ -518,6 +534,115 @@ def resize_rgb(patch: np.ndarray, out_size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(patch).resize((out_size, out_size), Image.BILINEAR))
 
 
+class PatchReader:
+    """A slide opened for reading patch grids (feature extraction); ``backend`` names the reader in use.
+
+    cuCIM (only after the crash-safe probe said yes) reads each batch with its batched, multi-threaded
+    ``read_region``; any other backend reads one patch per call, ``num_workers`` patches at a time in a
+    thread pool (OpenSlide and imagecodecs release the GIL while decoding).
+    """
+
+    def __init__(
+        self,
+        slide_path: str | os.PathLike,
+        backends: Sequence[str] = DEFAULT_BACKENDS,
+        slide_id: str | None = None,
+        cucim_verdict: tuple[bool, str] | None = None,
+    ):
+        self.path = Path(slide_path)
+        unknown = [b for b in backends if b not in DEFAULT_BACKENDS]
+        if unknown or not backends:
+            raise ValueError(f"unknown reader backend(s) {list(unknown)}; choose from {DEFAULT_BACKENDS}")
+        self.handle = _open_first_backend(self.path, backends, slide_id or self.path.stem, cucim_verdict)
+        self.backend = self.handle.backend
+
+    @property
+    def level_count(self) -> int:
+        return self.handle.level_count
+
+    def batches(
+        self,
+        coords: np.ndarray,
+        read_size_level: int,
+        level: int,
+        out_size: int = 256,
+        batch_size: int = 64,
+        num_workers: int = 2,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(patches (B, out_size, out_size, 3) uint8, coords (B, 2))`` in the order of ``coords``.
+
+        Each patch is the ``read_size_level`` x ``read_size_level`` region at ``level`` whose level-0
+        top-left is ``coords[i]`` = (x, y), resized to ``out_size``. Every yielded array is freshly
+        allocated (never a view into a backend's buffer). Regions past the slide edge come back white.
+        """
+        coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+        level, size, batch_size = int(level), int(read_size_level), max(1, int(batch_size))
+        if not 0 <= level < self.level_count:
+            raise SlideReadError(
+                f"{self.path}: level {level} requested but {self.backend} sees {self.level_count} level(s); "
+                f"re-run preprocessing for this slide so its patch file matches the slide")
+        if size < 1:
+            raise ValueError(f"{self.path}: region size to read is {size} px")
+        if len(coords) == 0:
+            return
+        if self.backend == "cucim":
+            yield from self._cucim_batches(coords, size, level, int(out_size), batch_size, num_workers)
+            return
+        workers = max(1, int(num_workers)) if getattr(self.handle, "parallel_reads", True) else 1
+
+        def read(xy):
+            return resize_rgb(self.handle.read_region((int(xy[0]), int(xy[1])), (size, size), level), int(out_size))
+
+        with ThreadPoolExecutor(workers) as pool:
+            for start in range(0, len(coords), batch_size):
+                chunk = coords[start : start + batch_size]
+                yield np.stack(list(pool.map(read, chunk))), chunk
+
+    def _cucim_batches(self, coords, size, level, out_size, batch_size, num_workers):
+        image = self.handle.raw  # the CuImage MONAI opened
+        level_w, level_h = self.handle.level_dimensions[level]
+        downsample = self.handle.level_downsamples[level]
+        locations = [(int(x), int(y)) for x, y in coords]
+        results = image.read_region(
+            locations, (size, size), level, num_workers=max(1, int(num_workers)), batch_size=batch_size, drop_last=False
+        )
+        if not hasattr(results, "__next__") and not isinstance(results, (list, tuple)):
+            results = [results]  # a single location may come back as one image, not an iterator
+        start = 0
+        for batch in results:
+            # np.asarray is a view into a buffer cuCIM frees or reuses once the iterator advances (seen as
+            # corrupted pixels in every batch but the last): copy every patch into ``out`` before that
+            array = np.asarray(batch)
+            if array.ndim == 3:  # a batch of one comes back without the batch axis
+                array = array[None]
+            chunk = coords[start : start + len(array)]
+            out = np.empty((len(array), out_size, out_size, 3), np.uint8)
+            for i, (patch, (x, y)) in enumerate(zip(array, chunk)):
+                patch = to_rgb(patch)
+                lx, ly = int(math.floor(x / downsample)), int(math.floor(y / downsample))
+                if lx + size > level_w or ly + size > level_h or lx < 0 or ly < 0:  # cuCIM pads with black
+                    patch = patch.copy()
+                    patch[max(0, level_h - ly) :, :] = 255
+                    patch[:, max(0, level_w - lx) :] = 255
+                    patch[: max(0, -ly), :] = 255
+                    patch[:, : max(0, -lx)] = 255
+                out[i] = resize_rgb(patch, out_size)
+            del array, batch
+            start += len(out)
+            yield out, chunk
+        if start != len(coords):
+            raise SlideReadError(f"{self.path}: cuCIM returned {start} of {len(coords)} patches")
+
+    def close(self) -> None:
+        self.handle.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def iter_patch_batches(
     slide_path: str | os.PathLike,
     coords: np.ndarray,
@@ -528,54 +653,24 @@ def iter_patch_batches(
     num_workers: int = 2,
     backends: Sequence[str] = DEFAULT_BACKENDS,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(patches (B, out_size, out_size, 3) uint8, coords (B, 2))`` in the order of ``coords``.
+    """``PatchReader(slide_path, backends).batches(...)``: open, read the grid in ``coords`` order, close."""
+    with PatchReader(slide_path, backends) as reader:
+        yield from reader.batches(coords, read_size_level, level, out_size, batch_size, num_workers)
 
-    Each patch is the ``read_size_level`` x ``read_size_level`` region at ``level`` whose level-0 top-left
-    is ``coords[i]`` = (x, y), resized to ``out_size``. Uses cuCIM's batched ``read_region`` (a C++ pool
-    of ``num_workers`` threads) when the crash-safe probe says cuCIM reads the file; otherwise the
-    fallback backend's ``read_region`` one patch at a time. Regions past the slide edge come back white
-    (cuCIM pads them with black; those pixels are repainted).
+
+def warm_up(slide_paths: Sequence[str | os.PathLike], backends: Sequence[str] = DEFAULT_BACKENDS) -> None:
+    """Probe every slide with cuCIM in one child process, then open the first readable one here.
+
+    Call it in the main thread before reader threads and progress bars start: the probe verdicts are
+    cached for this process (no child process per slide later), and cuCIM's first in-process open, whose
+    native messages are hidden by pointing fds 1 and 2 at /dev/null, happens while nothing else prints.
     """
-    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
-    if len(coords) == 0:
+    paths = [Path(p) for p in slide_paths]
+    if "cucim" not in backends or not paths:
         return
-    slide_path = Path(slide_path)
-    size = int(read_size_level)
-    if "cucim" in backends and probe_cucim([slide_path])[str(slide_path)][0]:
-        yield from _iter_cucim(slide_path, coords, size, level, out_size, batch_size, num_workers)
-        return
-    with open_slide(slide_path, backends=[b for b in backends if b != "cucim"], require_mpp=False) as handle:
-        for start in range(0, len(coords), batch_size):
-            chunk = coords[start : start + batch_size]
-            patches = np.stack([resize_rgb(handle.read_region(tuple(xy), (size, size), level), out_size) for xy in chunk])
-            yield patches, chunk
-
-
-def _iter_cucim(slide_path, coords, size, level, out_size, batch_size, num_workers):
-    from cucim import CuImage
-
-    with native_output_silenced():
-        image = CuImage(str(slide_path))
-    level_w, level_h = image.resolutions["level_dimensions"][level]
-    downsample = image.resolutions["level_downsamples"][level]
-    locations = [(int(x), int(y)) for x, y in coords]
-    batches = image.read_region(
-        locations, (size, size), level, num_workers=max(1, int(num_workers)), batch_size=batch_size, drop_last=False
-    )
-    start = 0
-    for batch in batches:
-        array = np.asarray(batch)
-        if array.ndim == 3:  # a batch of one comes back without the batch axis
-            array = array[None]
-        chunk = coords[start : start + len(array)]
-        out = np.empty((len(array), out_size, out_size, 3), np.uint8)
-        for i, (patch, (x, y)) in enumerate(zip(array, chunk)):
-            patch = to_rgb(patch)
-            lx, ly = int(math.floor(x / downsample)), int(math.floor(y / downsample))
-            if lx + size > level_w or ly + size > level_h or lx < 0 or ly < 0:
-                patch = patch.copy()
-                patch[max(0, level_h - ly) :, :] = 255
-                patch[:, max(0, level_w - lx) :] = 255
-            out[i] = resize_rgb(patch, out_size)
-        start += len(array)
-        yield out, chunk
+    verdicts = probe_cucim(paths)
+    for path in paths:
+        if verdicts.get(str(path), (False, ""))[0]:
+            with contextlib.suppress(Exception):
+                PatchReader(path, ("cucim",), cucim_verdict=verdicts[str(path)]).close()
+            return
