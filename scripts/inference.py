@@ -457,3 +457,30 @@ def _patch_size_level0(feature_file: Path, patch_file: Path) -> float:
                 return float(attrs["patch_size"]) * float(attrs["target_mpp"]) / float(attrs["mpp"])
     raise ValueError(f"cannot tell the patch size in level-0 pixels: neither {feature_file} nor {patch_file} has a "
                      "'patch_size_level0' attribute (re-run preprocessing)")
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+def subset_datalist(datalist: str, out: str, n_slides: int = 3, add: Sequence[str] | str = ()) -> None:
+    """Write a datalist with the first ``n_slides`` rows of ``datalist`` plus the slide files in ``add``
+    (those that exist; slide_id = file stem). Paths become absolute. Used by ``make demo``::
+
+        python -m scripts.inference subset_datalist --datalist data/demo/cohort/datalist.csv \\
+            --out data/demo/out/inference_datalist.csv --n_slides 3 --add ../shared/data/slides/cmu-1-small-region.svs
+    """
+    records = load_datalist(datalist, require_labels=False)[: int(n_slides)]
+    rows = [dict(r.as_row(), path=str(Path(r.path).resolve()) if r.path else "") for r in records]
+    for path in [add] if isinstance(add, str) else list(add):
+        path = Path(path)
+        if path.is_file():
+            rows.append({"slide_id": path.stem, "path": str(path.resolve()), "label": "", "patient_id": path.stem,
+                         "center": "external", "mpp": "", "features": ""})
+        else:
+            logger.warning("%s not found; left out of %s", path, out)
+    write_csv(out, rows, ["slide_id", "path", "label", "patient_id", "center", "mpp", "features"])
+    print(f"{out}: {len(rows)} slide(s)")
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"subset_datalist": subset_datalist})

@@ -171,3 +171,16 @@ def test_raw_slides_end_to_end(shared_slides, tmp_path, bundle_root):
             ring = np.asarray(feature["geometry"]["coordinates"][0])
             assert 0 <= ring[:, 0].min() and ring[:, 0].max() <= width
             assert 0 <= ring[:, 1].min() and ring[:, 1].max() <= height
+
+
+def test_subset_datalist(tmp_path, shared_slides):
+    from scripts.datalist import load_datalist
+    from scripts.inference import subset_datalist
+
+    src = tmp_path / "d.csv"
+    src.write_text("slide_id,path,label,patient_id,center\n" + "".join(
+        f"s{i},{shared_slides / 'cmu-1-small-region.svs'},{i % 2},p{i},c\n" for i in range(5)))
+    subset_datalist(str(src), str(tmp_path / "sub.csv"), n_slides=2,
+                    add=[str(shared_slides / "cmu-1-small-region.svs"), str(tmp_path / "missing.svs")])
+    records = load_datalist(tmp_path / "sub.csv", require_labels=False)
+    assert [r.slide_id for r in records] == ["s0", "s1", "cmu-1-small-region"]
