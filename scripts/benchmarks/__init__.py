@@ -1,1 +1,1 @@
-"""Benchmark scripts: each prints its figures; nothing here is a test."""
+"""Benchmark commands: each prints its figures (nothing here is a test)."""

@@ -1,1 +1,22 @@
-"""Evaluation metrics and statistics (paired comparisons of methods on the same slides)."""
+"""Evaluation metrics: classification metrics with bootstrap intervals (``classification``) and paired
+comparisons of two methods on the same slides (``paired``: DeLong, paired bootstrap)."""
+
+from scripts.metrics.classification import (
+    auc,
+    bootstrap_auc_ci,
+    classification_report,
+    nan_to_none,
+    plot_roc,
+    threshold_metrics,
+    youden_threshold,
+)
+
+__all__ = [
+    "auc",
+    "bootstrap_auc_ci",
+    "classification_report",
+    "nan_to_none",
+    "plot_roc",
+    "threshold_metrics",
+    "youden_threshold",
+]

@@ -1,15 +1,21 @@
-"""Networks: patch encoders (CTransPath, ...) and MIL heads (SMILE and baselines), one per file."""
+"""Networks: patch encoders (CTransPath, ...) and MIL heads (SMILE and baselines), one per file.
+
+Importing this package registers every MIL head under its name (see ``registry.MIL_NETWORKS``).
+Encoders (``ctranspath``, ``encoders``) are imported on demand so MIL-only code does not load timm.
+"""
 
 from scripts.networks.registry import MIL_NETWORKS, build_mil_network, register_mil_network
+from scripts.networks import (  # noqa: F401,E402  (each module registers its network)
+    abmil,
+    acmil,
+    clam,
+    dsmil,
+    dtfd,
+    max_pool,
+    mean_pool,
+    smile,
+    smile_adaptive,
+    transmil,
+)
 
 __all__ = ["MIL_NETWORKS", "build_mil_network", "register_mil_network"]
-
-import scripts.networks.mean_pool  # noqa: E402,F401
-import scripts.networks.max_pool  # noqa: E402,F401
-import scripts.networks.abmil  # noqa: E402,F401
-import scripts.networks.clam  # noqa: E402,F401
-import scripts.networks.transmil  # noqa: E402,F401
-import scripts.networks.dsmil  # noqa: E402,F401
-import scripts.networks.dtfd  # noqa: E402,F401
-import scripts.networks.acmil  # noqa: E402,F401
-import scripts.networks.smile_adaptive  # noqa: E402,F401

@@ -1,0 +1,234 @@
+"""Bags of instance features for MIL training and evaluation, read lazily.
+
+A :class:`Bag` names one slide (or one classic-MIL bag): its label, its patient, and where its features
+are: a feature file (read only when the bag is used, so a cohort need not fit in memory) or an
+in-memory tensor (the small classic ``.npz`` benchmarks).
+
+Feature files understood by :func:`load_features`:
+  * ``.h5`` / ``.hdf5`` with a dataset ``features`` (N, D) — this bundle's ``<out>/features/<slide_id>.h5``,
+    CLAM's and TRIDENT's files; a leading singleton axis (1, N, D) is dropped;
+  * ``.pt`` / ``.pth``: a tensor (N, D) (CLAM ``pt_files``) or a dict with a ``features`` tensor.
+Classic MIL ``.npz`` (arrays ``X`` instances, ``bag`` bag index, ``bag_y`` bag labels): :func:`bags_from_npz`.
+
+Batches are packed (:func:`collate_bags`): all instances of the batch's bags in one (M, D) tensor plus
+the (M,) bag index, the layout every network of :mod:`scripts.networks` takes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from scripts.datalist import load_datalist
+
+logger = logging.getLogger(__name__)
+
+FEATURE_SUFFIXES = (".h5", ".hdf5", ".pt", ".pth")
+
+
+@dataclass(frozen=True, eq=False)
+class Bag:
+    """One bag: ``features_path`` (read lazily) or ``features`` (in memory), a 0/1 label (None when
+    unknown), the patient (cross-validation never splits one) and the centre."""
+
+    bag_id: str
+    label: int | None
+    patient_id: str
+    center: str = ""
+    features_path: Path | None = None
+    features: torch.Tensor | None = None
+
+    def load(self) -> torch.Tensor:
+        if self.features is not None:
+            return self.features
+        if self.features_path is None:
+            raise ValueError(f"bag {self.bag_id!r} has neither a feature file nor features")
+        return load_features(self.features_path)
+
+
+class BagList(list):
+    """A list of bags that also remembers the datalist's ``skipped`` slides (id: reason)."""
+
+    skipped: list[str]
+
+
+class FeatureFileError(ValueError):
+    """A feature file that cannot be used (message names the file and what is wrong)."""
+
+
+def load_features(path: str | Path) -> torch.Tensor:
+    """Read one bag's features as a float32 (N, D) tensor from ``.h5`` (dataset ``features``) or ``.pt``."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".h5", ".hdf5"):
+        import h5py
+
+        try:
+            with h5py.File(path, "r") as handle:
+                if "features" not in handle:
+                    raise FeatureFileError(f"{path}: no dataset 'features' (found: {', '.join(handle.keys()) or 'nothing'})")
+                array = handle["features"][()]
+        except OSError as error:
+            raise FeatureFileError(f"{path}: not a readable HDF5 file ({error}); re-run feature extraction") from error
+        tensor = torch.from_numpy(np.asarray(array, dtype=np.float32))
+    elif suffix in (".pt", ".pth"):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, dict):
+            if "features" not in obj:
+                raise FeatureFileError(f"{path}: a dict without a 'features' tensor (keys: {', '.join(map(str, obj))})")
+            obj = obj["features"]
+        if not isinstance(obj, torch.Tensor):
+            raise FeatureFileError(f"{path}: expected a tensor (N, D), got {type(obj).__name__}")
+        tensor = obj.detach().to(torch.float32)
+    else:
+        raise FeatureFileError(f"{path}: unknown feature file type {suffix!r}; use .h5 (dataset 'features') or .pt")
+    if tensor.dim() == 3 and tensor.shape[0] == 1:
+        tensor = tensor[0]
+    if tensor.dim() != 2 or tensor.shape[0] == 0:
+        raise FeatureFileError(f"{path}: features must be a non-empty (N, D) array, got shape {tuple(tensor.shape)}")
+    return tensor
+
+
+def feature_shape(path: str | Path) -> tuple[int, int]:
+    """(N, D) of a feature file, reading only the header where the format allows (h5)."""
+    path = Path(path)
+    if path.suffix.lower() in (".h5", ".hdf5"):
+        import h5py
+
+        try:
+            with h5py.File(path, "r") as handle:
+                if "features" not in handle:
+                    raise FeatureFileError(f"{path}: no dataset 'features'")
+                shape = tuple(handle["features"].shape)
+        except OSError as error:
+            raise FeatureFileError(f"{path}: not a readable HDF5 file ({error})") from error
+        if len(shape) == 3 and shape[0] == 1:
+            shape = shape[1:]
+        if len(shape) != 2 or shape[0] == 0:
+            raise FeatureFileError(f"{path}: features must be a non-empty (N, D) array, got shape {shape}")
+        return int(shape[0]), int(shape[1])
+    return tuple(load_features(path).shape)  # type: ignore[return-value]
+
+
+def feature_dim(bags: Sequence[Bag]) -> int:
+    """The instance feature size of a cohort (from the first bag; all bags are checked to agree when
+    the cohort is built by :func:`bags_from_datalist`)."""
+    if not bags:
+        raise ValueError("no bags: nothing to read the feature size from")
+    first = bags[0]
+    if first.features is not None:
+        return int(first.features.shape[1])
+    return feature_shape(first.features_path)[1]
+
+
+def bags_from_datalist(
+    datalist: str | Path,
+    features_dir: str | Path | None = None,
+    require_labels: bool = True,
+) -> BagList:
+    """The bags of a datalist whose feature file exists and is readable.
+
+    A row's features are its ``features`` column when set, else ``<features_dir>/<slide_id>.h5`` (or
+    ``.pt``). Slides without a usable feature file (failed extraction) are reported in one warning and
+    skipped; if none is left, the error says where the files were looked for.
+    """
+    records = load_datalist(datalist, require_labels=require_labels, check_files=False, require_slides=False)
+    features_dir = None if features_dir in (None, "") else Path(features_dir)
+    bags: list[Bag] = []
+    skipped: list[str] = []
+    dims: dict[int, str] = {}
+    for record in records:
+        path = record.features
+        if path is None and features_dir is not None:
+            candidates = [features_dir / f"{record.slide_id}{suffix}" for suffix in FEATURE_SUFFIXES]
+            path = next((c for c in candidates if c.is_file()), candidates[0])
+        if path is None:
+            skipped.append(f"{record.slide_id}: no 'features' column value and no features_dir given")
+            continue
+        if not path.is_file():
+            skipped.append(f"{record.slide_id}: {path} does not exist")
+            continue
+        try:
+            n, d = feature_shape(path)
+        except (FeatureFileError, RuntimeError, OSError) as error:
+            skipped.append(f"{record.slide_id}: {error}")
+            continue
+        dims.setdefault(d, record.slide_id)
+        bags.append(Bag(record.slide_id, record.label, record.patient_id, record.center, features_path=path))
+    if len(dims) > 1:
+        listed = ", ".join(f"{d} (e.g. {s})" for d, s in dims.items())
+        raise FeatureFileError(f"datalist {datalist}: feature files disagree on the feature size: {listed}; use one encoder")
+    if skipped:
+        logger.warning(
+            "%d of %d slide(s) in %s have no usable features and are skipped:\n  %s",
+            len(skipped), len(records), datalist, "\n  ".join(skipped),
+        )  # fmt: skip
+    if not bags:
+        where = f" (looked in {features_dir})" if features_dir is not None else ""
+        raise FeatureFileError(f"no slide of {datalist} has a usable feature file{where}; run feature extraction first")
+    result = BagList(bags)
+    result.skipped = skipped
+    return result
+
+
+def skipped_slides(datalist: str | Path, bags: Sequence[Bag]) -> list[str]:
+    """Slide ids of the datalist that are not among ``bags`` (reported in summaries)."""
+    kept = {b.bag_id for b in bags}
+    records = load_datalist(datalist, require_labels=False, check_files=False, require_slides=False)
+    return [r.slide_id for r in records if r.slide_id not in kept]
+
+
+def bags_from_npz(path: str | Path) -> list[Bag]:
+    """Bags of a classic MIL ``.npz`` (``X`` (M, D), ``bag`` (M,), ``bag_y`` (B,)); each bag is its own
+    patient. Features are held in memory (these sets are small)."""
+    path = Path(path)
+    with np.load(path) as data:
+        missing = [k for k in ("X", "bag", "bag_y") if k not in data]
+        if missing:
+            raise FeatureFileError(f"{path}: missing array(s) {', '.join(missing)}; expected X, bag, bag_y")
+        x = torch.from_numpy(np.asarray(data["X"], dtype=np.float32))
+        bag = np.asarray(data["bag"], dtype=np.int64)
+        labels = np.asarray(data["bag_y"]).astype(int)
+    order = np.argsort(bag, kind="stable")
+    starts = np.searchsorted(bag[order], np.arange(len(labels) + 1))
+    bags = []
+    for b, label in enumerate(labels):
+        rows = torch.from_numpy(order[starts[b] : starts[b + 1]])
+        if len(rows) == 0:
+            raise FeatureFileError(f"{path}: bag {b} has no instances")
+        bags.append(Bag(f"bag{b:04d}", int(label > 0), f"bag{b:04d}", features=x[rows]))
+    return bags
+
+
+class BagDataset(Dataset):
+    """Items ``{"features": (N, D), "label": float tensor, "bag_id": str}``; files are opened per item."""
+
+    def __init__(self, bags: Sequence[Bag]) -> None:
+        self.bags = list(bags)
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __getitem__(self, index: int) -> dict:
+        bag = self.bags[index]
+        label = float("nan") if bag.label is None else float(bag.label)
+        return {"features": bag.load(), "label": torch.tensor(label), "bag_id": bag.bag_id}
+
+
+def collate_bags(items: Sequence[dict]) -> dict:
+    """Pack a list of :class:`BagDataset` items: ``features`` (M, D), ``bag_index`` (M,), ``n_bags``,
+    ``label`` (B,), ``bag_id`` list."""
+    sizes = torch.tensor([item["features"].shape[0] for item in items])
+    return {
+        "features": torch.cat([item["features"] for item in items], 0),
+        "bag_index": torch.repeat_interleave(torch.arange(len(items)), sizes),
+        "n_bags": len(items),
+        "label": torch.stack([item["label"] for item in items]),
+        "bag_id": [item["bag_id"] for item in items],
+    }

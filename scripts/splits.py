@@ -1,0 +1,167 @@
+"""Patient-level cross-validation splits (no patient in two folds), saved as JSON and reusable.
+
+``splits.json``::
+
+    {"n_folds": 5, "seed": 0, "val_fraction": 0.2, "grouped_by": "patient_id",
+     "folds": [{"fold": 0, "train": [slide ids], "val": [...], "test": [...]}, ...]}
+
+The test folds come from ``StratifiedGroupKFold`` (stratified by label, grouped by patient); inside
+each fold's training part a validation split (also stratified and grouped by patient) is held out for
+early stopping, checkpoint selection and the operating threshold. A user-supplied file with the same
+layout is checked (every slide known, no patient shared between train/val/test of one fold) and used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+from scripts.io_utils import write_json
+from scripts.mil_data import Bag
+
+logger = logging.getLogger(__name__)
+
+
+class SplitError(ValueError):
+    """Splits that cannot be made or used; the message says why and what to change."""
+
+
+def make_splits(bags: Sequence[Bag], n_folds: int = 5, val_fraction: float = 0.2, seed: int = 0) -> dict:
+    """Patient-grouped, label-stratified ``n_folds`` test folds, each with a validation split."""
+    ids, labels, groups = _arrays(bags)
+    n_patients = len(set(groups))
+    if n_folds < 2:
+        raise SplitError(f"n_folds must be at least 2, got {n_folds}")
+    if n_patients < n_folds:
+        raise SplitError(f"{n_patients} patient(s) cannot fill {n_folds} folds; use fewer folds or more data")
+    if len(set(labels.tolist())) < 2:
+        raise SplitError("all slides have the same label; cross-validation needs both classes")
+    if not 0.0 < val_fraction < 0.5:
+        raise SplitError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
+    outer = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    folds = []
+    for k, (train_val, test) in enumerate(outer.split(ids, labels, groups)):
+        train, val = _validation_split(train_val, labels, groups, val_fraction, seed + 1000 + k)
+        folds.append({"fold": k, "train": ids[train].tolist(), "val": ids[val].tolist(), "test": ids[test].tolist()})
+    splits = {"n_folds": n_folds, "seed": seed, "val_fraction": val_fraction, "grouped_by": "patient_id", "folds": folds}
+    check_splits(splits, bags)
+    return splits
+
+
+def _validation_split(indices: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int):
+    n_splits = max(2, int(round(1.0 / fraction)))
+    sub_groups = groups[indices]
+    n_splits = min(n_splits, len(set(sub_groups.tolist())))
+    if n_splits < 2:
+        raise SplitError("a training fold has a single patient; cannot hold out a validation patient")
+    inner = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    train, val = next(inner.split(indices, labels[indices], sub_groups))
+    return indices[train], indices[val]
+
+
+def check_splits(splits: dict, bags: Sequence[Bag]) -> None:
+    """Raise :class:`SplitError` if a fold names an unknown slide, repeats one, or shares a patient
+    between its train, val and test parts (or a patient appears in two test folds)."""
+    patient = {b.bag_id: b.patient_id for b in bags}
+    problems = []
+    folds = splits.get("folds")
+    if not isinstance(folds, list) or not folds:
+        raise SplitError("splits have no 'folds' list")
+    test_patients: dict[str, int] = {}
+    for i, fold in enumerate(folds):
+        name = f"fold {fold.get('fold', i)}"
+        parts = {}
+        for part in ("train", "val", "test"):
+            values = fold.get(part)
+            if not isinstance(values, list) or (part != "val" and not values):
+                problems.append(f"{name}: '{part}' must be a non-empty list of slide ids")
+                values = []
+            unknown = [s for s in values if s not in patient]
+            if unknown:
+                problems.append(f"{name}: {part} names slide(s) not in the cohort: {', '.join(unknown[:5])}")
+            parts[part] = [s for s in values if s in patient]
+        seen = parts["train"] + parts["val"] + parts["test"]
+        if len(seen) != len(set(seen)):
+            problems.append(f"{name}: a slide is listed twice")
+        p = {part: {patient[s] for s in values} for part, values in parts.items()}
+        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+            shared = p[a] & p[b]
+            if shared:
+                problems.append(f"{name}: patient(s) {', '.join(sorted(shared)[:5])} in both {a} and {b}")
+        for pid in p["test"]:
+            if pid in test_patients and test_patients[pid] != i:
+                problems.append(f"patient {pid} is in the test part of two folds")
+            test_patients[pid] = i
+    if problems:
+        raise SplitError("invalid splits:\n  - " + "\n  - ".join(problems))
+
+
+def restrict_splits(splits: dict, bags: Sequence[Bag]) -> dict:
+    """Drop slide ids the cohort does not have (e.g. skipped for missing features), with a warning."""
+    known = {b.bag_id for b in bags}
+    dropped = sorted({s for f in splits["folds"] for part in ("train", "val", "test") for s in f.get(part, []) if s not in known})
+    if dropped:
+        logger.warning("splits name %d slide(s) without usable features; they are left out: %s", len(dropped), ", ".join(dropped[:10]))
+    out = dict(splits)
+    out["folds"] = [
+        {**f, **{part: [s for s in f.get(part, []) if s in known] for part in ("train", "val", "test")}} for f in splits["folds"]
+    ]
+    return out
+
+
+def load_or_make_splits(
+    bags: Sequence[Bag],
+    output_dir: str | Path,
+    splits_file: str | Path | None = None,
+    n_folds: int = 5,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> dict:
+    """The splits to use, always also saved as ``<output_dir>/splits.json``.
+
+    ``splits_file`` given: read, checked against the cohort and used. Otherwise an existing
+    ``<output_dir>/splits.json`` is reused when it fits the cohort (same slides), else new splits are made.
+    """
+    target = Path(output_dir) / "splits.json"
+    source = Path(splits_file) if splits_file not in (None, "") else None
+    if source is None and target.is_file():
+        source = target
+        reuse = True
+    else:
+        reuse = False
+    if source is not None:
+        try:
+            splits = json.loads(Path(source).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise SplitError(f"cannot read splits {source}: {error}") from error
+        if reuse:
+            listed = {s for f in splits.get("folds", []) for part in ("train", "val", "test") for s in f.get(part, [])}
+            if listed != {b.bag_id for b in bags}:
+                logger.warning("%s was made for another set of slides; making new splits", source)
+                splits = None
+            else:
+                logger.info("reusing splits %s", source)
+        if splits is not None:
+            splits = restrict_splits(splits, bags)
+            check_splits(splits, bags)
+    else:
+        splits = None
+    if splits is None:
+        splits = make_splits(bags, n_folds=n_folds, val_fraction=val_fraction, seed=seed)
+    write_json(target, splits)
+    return splits
+
+
+def _arrays(bags: Sequence[Bag]):
+    unlabeled = [b.bag_id for b in bags if b.label is None]
+    if unlabeled:
+        raise SplitError(f"slides without a label cannot be split for training: {', '.join(unlabeled[:10])}")
+    ids = np.array([b.bag_id for b in bags])
+    labels = np.array([int(b.label) for b in bags])
+    groups = np.array([b.patient_id for b in bags])
+    return ids, labels, groups
