@@ -1,6 +1,7 @@
 """Publish a trained model as the bundle's ``models/model.pt`` (the state_dict of ``network_def``).
 
     python -m scripts.publish_model --checkpoint <train_out>/cv/model.pt [--out models/model.pt]
+    python -m monai.bundle run publish --config_file configs/train.json --output_dir <train_out>   # the same
 
 ``<train_out>/cv/model.pt`` is the cross-validation fold with the best validation AUC (written by the
 training workflow); any ``fold<k>/model.pt`` works too. The checkpoint's network must be the one that
