@@ -55,6 +55,14 @@ def demo_stages(workdir: Path, quick: bool) -> list[Stage]:
         stages.append(Stage("extract features", bundle_run("extract.json", "--datalist", str(datalist), "--output_dir", str(out),
                                                            "--allow_random_weights", "true"),
                             [str(out / "features"), str(out / "extract_summary.csv")]))
+    if (configs / "train.json").exists():
+        # a short run: the paper recipe (Ranger lr 2e-4, 100 epochs, 12 bags a step) needs hundreds of
+        # optimiser steps before RAdam's warm-up ends; 40 demo slides give ~3 steps an epoch
+        stages.append(Stage("train SMILE (5-fold CV)",
+                            bundle_run("train.json", "--datalist", str(datalist), "--output_dir", str(out),
+                                       "--epochs", "20", "--batch_size", "4", "--lr", "0.001", run_id="training"),
+                            [str(out / "splits.json"), str(out / "cv" / "summary.json"), str(out / "cv" / "oof_predictions.csv"),
+                             str(out / "cv" / "roc.png"), str(out / "cv" / "fold<k>" / "model.pt")]))
     return stages
 
 
