@@ -230,8 +230,9 @@ class PatchStage:
             value = row.get(f"seconds_{stage}")
             if value not in (None, ""):
                 timings[stage] = float(value)
-        if not timings:  # a preprocessing row without the split: report the whole step as reading
-            timings["read"] = total
+        if not timings and not str(row.get("warning", "")).startswith("skipped"):
+            timings["read"] = total  # a preprocessing row without the split: the whole step counts as reading
+        # (an existing patch file is reused: no read/tissue/grid time to report)
         return Path(row["patch_file"]), timings
 
 
