@@ -255,10 +255,14 @@ def draw_slide(plan: SlidePlan, side: int, texture_bank: list[np.ndarray]) -> tu
 
     lesion_px = 0
     if plan.label == 1 and spaces:
-        for _ in range(int(rng.integers(3, 6))):
+        # clusters until they cover a drawn fraction (0.6-1.5%) of the tissue: sparse at any slide size
+        target_px = rng.uniform(0.006, 0.015) * tissue.sum()
+        for _ in range(8):
             space = spaces[int(rng.integers(len(spaces)))]
             cy, cx = space[int(rng.integers(len(space)))]
             lesion_px += _paint_tumour_cluster(image, rng, int(cy), int(cx))
+            if lesion_px >= target_px:
+                break
 
     image = apply_stain(image, plan.center, rng)
     stats = {"tissue_px": int(tissue.sum()), "lesion_px": lesion_px}
