@@ -33,7 +33,7 @@ from scripts.datalist import SlideRecord, load_datalist
 from scripts.io_utils import write_csv
 from scripts.wsi import mpp as mpp_lib
 from scripts.wsi.grid import patch_grid
-from scripts.wsi.patch_file import read_patch_file, write_patch_file
+from scripts.wsi.patch_file import read_patch_file, slide_fingerprint, write_patch_file
 from scripts.wsi.preview import save_preview
 from scripts.wsi.reader import DEFAULT_BACKENDS, SlideReadError, open_slide, probe_cucim
 from scripts.wsi.tissue import TissueParams, tissue_mask, warm_up_itk
@@ -100,6 +100,8 @@ def preprocess_slide(record: SlideRecord, settings: PreprocessSettings, output_d
         try:
             done = read_patch_file(h5_path)
             attrs = done.attrs
+            if not _patch_file_matches(attrs, record, settings):
+                raise ValueError("stale patch file: the slide or the patch settings changed")
             return _row(
                 record, status="ok", warning="skipped: patch file already exists (overwrite=true redoes it)",
                 mpp=attrs.get("mpp"), mpp_source=attrs.get("mpp_source"), backend=attrs.get("backend"),
@@ -119,6 +121,20 @@ def preprocess_slide(record: SlideRecord, settings: PreprocessSettings, output_d
         message = f"{type(error).__name__}: {error} (at {Path(where.filename).name}:{where.lineno})"
         return _row(record, status="failed", error=f"slide {record.slide_id!r}: {message}",
                     seconds=round(time.perf_counter() - start, 3))
+
+
+def _patch_file_matches(attrs, record: SlideRecord, settings: PreprocessSettings) -> bool:
+    """A finished patch file is reused only for the same slide file and the same patch settings."""
+    def close(key, value):
+        stored = attrs.get(key)
+        return stored is not None and value is not None and abs(float(stored) - float(value)) < 1e-6
+
+    return (
+        str(attrs.get("slide_fingerprint", "")) == slide_fingerprint(record.path)
+        and close("patch_size", settings.patch_size)
+        and close("target_mpp", settings.target_mpp)
+        and close("min_tissue_fraction", settings.min_tissue_fraction)
+    )
 
 
 def _preprocess_open_slide(record, settings, output_dir, h5_path, png_path, start) -> dict:
@@ -145,6 +161,7 @@ def _preprocess_open_slide(record, settings, output_dir, h5_path, png_path, star
         if level_mpp > settings.target_mpp * 1.02:
             warnings.append(f"level 0 is {handle.mpp:g} um/px, coarser than the target {settings.target_mpp:g}: patches are upscaled x{grid.scale:.2f}")
         attrs = dict(grid.attrs(), mpp_source=handle.mpp_source, backend=handle.backend, slide_path=str(record.path),
+                     slide_fingerprint=slide_fingerprint(record.path),
                      slide_id=record.slide_id, tissue_area_mm2=round(info["tissue_area_mm2"], 4),
                      min_tissue_fraction=settings.min_tissue_fraction)
         n = len(grid.coords)
