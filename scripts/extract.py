@@ -39,6 +39,7 @@ import torch
 from scripts.datalist import load_datalist
 from scripts.io_utils import atomic_path, write_csv
 from scripts.networks.encoders import Encoder
+from scripts.wsi.patch_file import slide_fingerprint
 from scripts.wsi.reader import DEFAULT_BACKENDS, PatchReader, warm_up
 
 logger = logging.getLogger(__name__)
@@ -116,8 +117,9 @@ def _float_or_none(value):
     return value if np.isfinite(value) and value > 0 else None
 
 
-def feature_file_is_complete(path: Path, coords: np.ndarray, encoder: Encoder) -> bool:
-    """True when ``path`` holds features of every patch in ``coords`` from this very encoder and weights."""
+def feature_file_is_complete(path: Path, coords: np.ndarray, encoder: Encoder, slide_path=None) -> bool:
+    """True when ``path`` holds features of every patch in ``coords`` from this very encoder and weights
+    (and, when ``slide_path`` is given, from the slide file as it is now)."""
     if not path.is_file():
         return False
     try:
@@ -128,6 +130,7 @@ def feature_file_is_complete(path: Path, coords: np.ndarray, encoder: Encoder) -
                 and np.array_equal(stored.reshape(-1, 2), coords)
                 and h5.attrs.get("encoder") == encoder.name
                 and h5.attrs.get("weights_sha256") == encoder.weights_sha256
+                and (slide_path is None or h5.attrs.get("slide_fingerprint", "") == slide_fingerprint(slide_path))
             )
     except Exception:  # noqa: BLE001 - unreadable: extract again
         return False
@@ -163,6 +166,7 @@ class _SlideWriter:
             "target_mpp": info.target_mpp if info.target_mpp else np.nan,
             "level": info.level, "read_size": info.read_size, "input_size": encoder.input_size,
             "slide_id": info.slide_id, "slide_path": str(info.slide_path), "reader": reader_backend,
+            "slide_fingerprint": slide_fingerprint(info.slide_path),
             "rank": rank, "world_size": world,
         }
         for key, value in attrs.items():
@@ -326,7 +330,7 @@ class FeatureExtractionWorkflow:
                     continue
                 info = read_patch_file(self.output_dir / "patches" / f"{record.slide_id}.h5", record.path)
                 row["n_patches"] = len(info.coords)
-                if not self.overwrite and feature_file_is_complete(final, info.coords, self.encoder):
+                if not self.overwrite and feature_file_is_complete(final, info.coords, self.encoder, info.slide_path):
                     row["status"] = "skipped"
                     continue
                 if remove_stale_temporaries(final):

@@ -33,7 +33,7 @@ from scripts.datalist import SlideRecord, load_datalist
 from scripts.io_utils import write_csv
 from scripts.wsi import mpp as mpp_lib
 from scripts.wsi.grid import patch_grid
-from scripts.wsi.patch_file import read_patch_file, write_patch_file
+from scripts.wsi.patch_file import read_patch_file, slide_fingerprint, write_patch_file
 from scripts.wsi.preview import save_preview
 from scripts.wsi.reader import DEFAULT_BACKENDS, SlideReadError, open_slide, probe_cucim
 from scripts.wsi.tissue import TissueParams, tissue_mask, warm_up_itk
@@ -42,7 +42,8 @@ logger = logging.getLogger("scripts.preprocess")
 
 SUMMARY_COLUMNS = [
     "slide_id", "status", "error", "warning", "mpp", "mpp_source", "backend", "level", "level_downsample",
-    "read_size_level", "scale", "n_patches", "tissue_area_mm2", "seconds", "path", "patch_file", "preview",
+    "read_size_level", "scale", "n_patches", "tissue_area_mm2", "seconds", "seconds_read", "seconds_tissue",
+    "seconds_grid", "path", "patch_file", "preview",
 ]
 
 
@@ -99,6 +100,8 @@ def preprocess_slide(record: SlideRecord, settings: PreprocessSettings, output_d
         try:
             done = read_patch_file(h5_path)
             attrs = done.attrs
+            if not _patch_file_matches(attrs, record, settings):
+                raise ValueError("stale patch file: the slide or the patch settings changed")
             return _row(
                 record, status="ok", warning="skipped: patch file already exists (overwrite=true redoes it)",
                 mpp=attrs.get("mpp"), mpp_source=attrs.get("mpp_source"), backend=attrs.get("backend"),
@@ -120,6 +123,20 @@ def preprocess_slide(record: SlideRecord, settings: PreprocessSettings, output_d
                     seconds=round(time.perf_counter() - start, 3))
 
 
+def _patch_file_matches(attrs, record: SlideRecord, settings: PreprocessSettings) -> bool:
+    """A finished patch file is reused only for the same slide file and the same patch settings."""
+    def close(key, value):
+        stored = attrs.get(key)
+        return stored is not None and value is not None and abs(float(stored) - float(value)) < 1e-6
+
+    return (
+        str(attrs.get("slide_fingerprint", "")) == slide_fingerprint(record.path)
+        and close("patch_size", settings.patch_size)
+        and close("target_mpp", settings.target_mpp)
+        and close("min_tissue_fraction", settings.min_tissue_fraction)
+    )
+
+
 def _preprocess_open_slide(record, settings, output_dir, h5_path, png_path, start) -> dict:
     if record.path is None:
         raise SlideReadError(f"slide {record.slide_id!r} has no path in the datalist")
@@ -132,7 +149,9 @@ def _preprocess_open_slide(record, settings, output_dir, h5_path, png_path, star
         mask_ds = max(1.0, settings.mask_mpp / handle.mpp, max(width, height) / float(settings.max_mask_side))
         thumb = handle.read_scaled(mask_ds)
         mask_ds = width / float(thumb.shape[1])  # the exact grid after rounding
+        read_done = time.perf_counter()  # stage timings (open + low-resolution read, tissue mask, grid)
         mask, info = tissue_mask(thumb, handle.mpp * mask_ds, settings.tissue)
+        tissue_done = time.perf_counter()
         grid = patch_grid(
             handle.dimensions, handle.level_downsamples, handle.mpp, mask, mask_ds, settings.patch_size,
             settings.target_mpp, settings.effective_overlap, settings.min_tissue_fraction,
@@ -142,6 +161,7 @@ def _preprocess_open_slide(record, settings, output_dir, h5_path, png_path, star
         if level_mpp > settings.target_mpp * 1.02:
             warnings.append(f"level 0 is {handle.mpp:g} um/px, coarser than the target {settings.target_mpp:g}: patches are upscaled x{grid.scale:.2f}")
         attrs = dict(grid.attrs(), mpp_source=handle.mpp_source, backend=handle.backend, slide_path=str(record.path),
+                     slide_fingerprint=slide_fingerprint(record.path),
                      slide_id=record.slide_id, tissue_area_mm2=round(info["tissue_area_mm2"], 4),
                      min_tissue_fraction=settings.min_tissue_fraction)
         n = len(grid.coords)
@@ -162,6 +182,8 @@ def _preprocess_open_slide(record, settings, output_dir, h5_path, png_path, star
             backend=handle.backend, level=grid.level, level_downsample=round(grid.level_downsample, 6),
             read_size_level=grid.read_size_level, scale=round(grid.scale, 6), n_patches=n,
             tissue_area_mm2=round(info["tissue_area_mm2"], 4), seconds=round(time.perf_counter() - start, 3),
+            seconds_read=round(read_done - start, 3), seconds_tissue=round(tissue_done - read_done, 3),
+            seconds_grid=round(time.perf_counter() - tissue_done, 3),
             patch_file=str(h5_path) if n else "", preview=str(png_path) if settings.preview else "",
         )
 

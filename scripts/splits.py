@@ -153,7 +153,10 @@ def load_or_make_splits(
         splits = None
     if splits is None:
         splits = make_splits(bags, n_folds=n_folds, val_fraction=val_fraction, seed=seed)
-    write_json(target, splits)
+    from scripts.distributed import is_main_process
+
+    if is_main_process():  # under torchrun every rank makes the same splits; rank 0 writes them
+        write_json(target, splits)
     return splits
 
 

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 
 from scripts.io_utils import atomic_path, write_csv, write_json
 from scripts.metrics import classification_report, nan_to_none, plot_roc, youden_threshold
+from scripts.distributed import broadcast_buffers, is_main_process, unwrap, wrap_ddp
 from scripts.mil_data import Bag, BagDataset, collate_bags, feature_dim
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class TrainSettings:
     eval_batch_size: int | None = None
     progress: bool = True
     num_threads: int | None = None
+    distributed: bool = False  # under torchrun: DDP + DistributedSampler (configs/multi_gpu_train.json)
 
     def torch_device(self) -> torch.device:
         if self.device in (None, "auto"):
@@ -193,6 +195,8 @@ def load_checkpoint(path: str | Path, device: Any = "cpu") -> tuple[nn.Module, d
 
 
 def _forward(model: nn.Module, x: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> dict:
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # wraps scripts.distributed.PackedForward
+        return model(x, bag_index, n_bags)
     if hasattr(model, "forward_packed"):
         return model.forward_packed(x, bag_index, n_bags)
     return {"logits": model(x, bag_index, n_bags)}
@@ -218,7 +222,8 @@ def mil_train_iteration(engine, batch: dict) -> dict:
     engine.optimizer.zero_grad(set_to_none=True)
     out = _forward(model, x, bag_index, n_bags)
     loss = engine.loss_function(out["logits"], labels)
-    extra = model.training_loss_terms(out, x, bag_index, labels) if hasattr(model, "training_loss_terms") else {}
+    inner = unwrap(model)
+    extra = inner.training_loss_terms(out, x, bag_index, labels) if hasattr(inner, "training_loss_terms") else {}
     total = loss + sum(extra.values()) if extra else loss
     total.backward()
     engine.optimizer.step()
@@ -309,10 +314,19 @@ class _FoldMonitor:
 def _loader(bags: Sequence[Bag], batch_size: int, shuffle: bool, settings: TrainSettings, seed: int) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     device = settings.torch_device()
+    dataset = BagDataset(bags)
+    sampler = None
+    if settings.distributed and shuffle and torch.distributed.is_initialized():
+        # each rank trains on its share of the bags (MONAI's trainer calls set_epoch every epoch);
+        # validation and prediction loaders stay whole, so every rank computes the same metrics
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler, shuffle = DistributedSampler(dataset, shuffle=True, seed=seed), False
     return DataLoader(
-        BagDataset(bags),
+        dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         collate_fn=collate_bags,
         num_workers=settings.num_workers,
         generator=generator,
@@ -352,6 +366,7 @@ def train_fold(
     set_determinism(seed=settings.seed)
     in_dim = feature_dim(train_bags)
     model = build_network(network_factory, in_dim).to(device)
+    engine_network = wrap_ddp(model, device) if settings.distributed else model  # same parameters
     optimizer = settings.make_optimizer(model)
     loss_function = settings.make_loss()
     train_loader = _loader(train_bags, settings.batch_size, True, settings, settings.seed)
@@ -360,7 +375,7 @@ def train_fold(
         device=device,
         max_epochs=settings.epochs,
         train_data_loader=train_loader,
-        network=model,
+        network=engine_network,
         optimizer=optimizer,
         loss_function=loss_function,
         iteration_update=mil_train_iteration,
@@ -368,13 +383,15 @@ def train_fold(
         non_blocking=device.type == "cuda",
     )
     bar = None
-    if settings.progress:
+    if settings.progress and is_main_process():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=settings.epochs, desc=desc, unit="epoch", leave=True, dynamic_ncols=True)
     has_val = len(val_bags) > 0
     monitor = _FoldMonitor(trainer, model, settings, loss_function, has_val, bar)
     trainer.add_event_handler(Events.ITERATION_COMPLETED, monitor.train_iteration)
+    if engine_network is not model:  # before validation: every rank gets rank 0's BatchNorm statistics
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: broadcast_buffers(model))
     evaluator = None
     if has_val:
         evaluator = SupervisedEvaluator(
@@ -472,7 +489,7 @@ def run_cross_validation(
     """
     settings = settings or TrainSettings()
     by_id = {b.bag_id: b for b in bags}
-    cv_dir = Path(output_dir) / "cv" if output_dir is not None else None
+    cv_dir = Path(output_dir) / "cv" if output_dir is not None and is_main_process() else None  # rank 0 writes
     fold_rows, predictions, models, histories = [], [], [], []
     total_start = time.perf_counter()
     for fold in splits["folds"]:
@@ -522,7 +539,8 @@ def run_cross_validation(
             val_rows = [{"slide_id": b.bag_id, "label": b.label, "prob": float(p), "part": "val"} for b, p in zip(val, val_probs)]
             test_rows = [{"slide_id": r["slide_id"], "label": r["label"], "prob": r["prob"], "part": "test"} for r in rows]
             write_csv(fold_dir / "predictions.csv", val_rows + test_rows)
-        logger.info("fold %d: test AUC %.3f (val AUC %.3f, best epoch %d)", k, report["auc"], history["best_val_auc"], history["best_epoch"])
+        if is_main_process():
+            logger.info("fold %d: test AUC %.3f (val AUC %.3f, best epoch %d)", k, report["auc"], history["best_val_auc"], history["best_epoch"])
 
     labels = [r["label"] for r in predictions]
     probs = [r["prob"] for r in predictions]

@@ -282,6 +282,11 @@ def test_interrupted_slide_is_redone_and_finished_ones_skipped(tmp_path, encoder
     write_patch_file(out / "patches" / "s2.h5", tmp_path / "slide2.tif", coords=COORDS[:2])
     rows = {r["slide_id"]: r["status"] for r in run_workflow(datalist, out, encoder)}
     assert rows == {"s0": "skipped", "s1": "skipped", "s2": "ok"} and features_of(out, "s2").shape == (2, 768)
+    # a slide file replaced since (same coordinates) makes its features stale too
+    slide1 = tmp_path / "slide1.tif"
+    os.utime(slide1, ns=(time.time_ns(), slide1.stat().st_mtime_ns + 10**9))
+    rows = {r["slide_id"]: r["status"] for r in run_workflow(datalist, out, encoder)}
+    assert rows == {"s0": "skipped", "s1": "ok", "s2": "skipped"}
 
 
 def test_missing_weights_is_a_clear_error(tmp_path):

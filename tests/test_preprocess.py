@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import csv
 from pathlib import Path
 
@@ -206,6 +209,12 @@ def test_pyramid_at_quarter_micron_uses_level_1(tmp_path):
     PreprocessWorkflow(datalist, out, settings, num_workers=0, progress=False).run()
     assert (out / "patches" / "syn.h5").stat().st_mtime_ns == mtime
     assert "skipped" in read_summary(out)["syn"]["warning"]
+    # a slide file replaced since (a redrawn cohort, a rescanned slide) is redone, not reused
+    os.utime(slide, ns=(time.time_ns(), time.time_ns() + 10**9))
+    PreprocessWorkflow(datalist, out, settings, num_workers=0, progress=False).run()
+    assert (out / "patches" / "syn.h5").stat().st_mtime_ns != mtime
+    assert "skipped" not in read_summary(out)["syn"]["warning"]
+    mtime = (out / "patches" / "syn.h5").stat().st_mtime_ns
     settings.overwrite = True
     PreprocessWorkflow(datalist, out, settings, num_workers=0, progress=False).run()
     assert (out / "patches" / "syn.h5").stat().st_mtime_ns != mtime

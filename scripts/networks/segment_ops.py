@@ -3,6 +3,8 @@
 A batch of B bags is packed into one (M, D) tensor of instances plus ``bag_index`` (M,), the bag each
 instance belongs to (0..B-1). Reductions within each bag use scatter operations, so a batch costs a few
 kernels whatever B is: no Python loop over bags.
+The functions are TorchScript-compatible (lists, not tuple unpacking, for shapes), so networks built
+on them can be exported with ``torch.jit.script`` (``python -m monai.bundle ckpt_export``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 
 def segment_max(values: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> torch.Tensor:
     """Per-bag maximum of ``values`` (M,) or (M, K) -> (n_bags,) or (n_bags, K)."""
-    shape = (n_bags,) + tuple(values.shape[1:])
+    shape = [n_bags] + list(values.shape[1:])
     out = values.new_full(shape, float("-inf"))
     index = _expand_index(bag_index, values)
     return out.scatter_reduce(0, index, values, reduce="amax", include_self=True)
@@ -20,7 +22,7 @@ def segment_max(values: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> t
 
 def segment_min(values: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> torch.Tensor:
     """Per-bag minimum of ``values`` (M,) or (M, K) -> (n_bags,) or (n_bags, K)."""
-    shape = (n_bags,) + tuple(values.shape[1:])
+    shape = [n_bags] + list(values.shape[1:])
     out = values.new_full(shape, float("inf"))
     index = _expand_index(bag_index, values)
     return out.scatter_reduce(0, index, values, reduce="amin", include_self=True)
@@ -28,7 +30,7 @@ def segment_min(values: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> t
 
 def segment_sum(values: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> torch.Tensor:
     """Per-bag sum of ``values`` (M,) or (M, K) -> (n_bags,) or (n_bags, K)."""
-    shape = (n_bags,) + tuple(values.shape[1:])
+    shape = [n_bags] + list(values.shape[1:])
     return values.new_zeros(shape).index_add(0, bag_index, values)
 
 
@@ -36,7 +38,7 @@ def segment_mean(values: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> 
     """Per-bag mean of ``values`` (M,) or (M, K)."""
     counts = torch.bincount(bag_index, minlength=n_bags).clamp_min(1).to(values.dtype)
     sums = segment_sum(values, bag_index, n_bags)
-    return sums / counts.view(-1, *([1] * (values.dim() - 1)))
+    return sums / counts.view([-1] + [1] * (values.dim() - 1))
 
 
 def segment_softmax(logits: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> torch.Tensor:
@@ -60,4 +62,4 @@ def pack_bags(bags: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 def _expand_index(bag_index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     if values.dim() == 1:
         return bag_index
-    return bag_index.view(-1, *([1] * (values.dim() - 1))).expand_as(values)
+    return bag_index.view([-1] + [1] * (values.dim() - 1)).expand_as(values)

@@ -91,3 +91,13 @@ def read_patch_file(path: str | Path) -> PatchFile:
         f"{path}: 'coords' has none of the known attributes (read_size_level: this bundle; patch_level: CLAM; "
         f"patch_size_level0: TRIDENT); cannot tell at which level and size to read the patches"
     )
+
+
+def slide_fingerprint(slide_path) -> str:
+    """``<size in bytes>-<mtime in ns>`` of a slide file: a cheap way to tell that a slide changed since
+    its patch or feature file was written (re-runs redo such slides instead of reusing stale outputs)."""
+    try:
+        stat = Path(slide_path).stat()
+    except (OSError, TypeError):
+        return ""
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
