@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from scripts.io_utils import atomic_path, write_csv, write_json
-from scripts.metrics import classification_report, nan_to_none, plot_roc
+from scripts.metrics import nan_to_none, plot_roc
 from scripts.metrics.paired import delong_test, paired_bootstrap_auc
 from scripts.mil_data import Bag, BagList, bags_from_datalist, bags_from_npz, feature_shape
 
@@ -230,7 +230,7 @@ def compare_methods(
     }
     comparison = nan_to_none(comparison)
     write_json(out_dir / "comparison.json", comparison)
-    write_csv(out_dir / "comparison.csv", [_flat_row(r, reference) for r in rows])
+    write_csv(out_dir / "comparison.csv", [_flat_row(r) for r in rows])
     if oof:
         write_csv(out_dir / "oof_predictions.csv", oof)
         curves = {m: ([r["label"] for r in oof], [r[f"prob_{m}"] for r in oof]) for m in results}
@@ -318,7 +318,7 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted.tolist()
 
 
-def _flat_row(row: dict, reference: str) -> dict:
+def _flat_row(row: dict) -> dict:
     out = {k: v for k, v in row.items() if k != "network_kwargs"}
     out["network_kwargs"] = ";".join(f"{k}={v}" for k, v in (row.get("network_kwargs") or {}).items())
     return out
