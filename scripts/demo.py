@@ -63,6 +63,21 @@ def demo_stages(workdir: Path, quick: bool) -> list[Stage]:
                                        "--epochs", "20", "--batch_size", "4", "--lr", "0.001", run_id="training"),
                             [str(out / "splits.json"), str(out / "cv" / "summary.json"), str(out / "cv" / "oof_predictions.csv"),
                              str(out / "cv" / "roc.png"), str(out / "cv" / "fold<k>" / "model.pt")]))
+    if (configs / "compare.json").exists():
+        # same patient-level splits as the training stage; short recipe as above
+        fast = ["--epochs", "20", "--batch_size", "4", "--lr", "0.001", "--num_threads", "1"]
+        io = ["--datalist", str(datalist), "--output_dir", str(out)]
+        stages.append(Stage("compare methods (5-fold CV)",
+                            bundle_run("compare.json", *io, *fast, "--methods",
+                                       "['smile','smile_adaptive','abmil_gated','clam_sb','mean_pool','max_pool']"),
+                            [str(out / "compare" / "comparison.md"), str(out / "compare" / "comparison.csv"),
+                             str(out / "compare" / "roc.png")]))
+        stages.append(Stage("SMILE ablation (3x3 grid)",
+                            bundle_run("compare.json", *io, *fast, "--thresholds", "[0.4,0.5,0.7]", "--factors", "[0.3,0.5,0.8]",
+                                       run_id="ablation"),
+                            [str(out / "ablation" / "ablation.csv"), str(out / "ablation" / "ablation.png")]))
+        stages.append(Stage("cross-centre transfer", bundle_run("compare.json", *io, *fast, run_id="transfer"),
+                            [str(out / "transfer" / "transfer.csv"), str(out / "transfer" / "transfer.png")]))
     if (configs / "inference.json").exists():
         # new slides: three demo slides (features reused from the same output folder) plus a real H&E
         # region, the Aperio CMU-1 crop the demo cohort took its texture from (data/cache, from the
