@@ -134,3 +134,23 @@ def test_permutation_and_batch_independence():
         # (B, N, D) input form
         same = torch.randn(3, 6, 32)
         torch.testing.assert_close(model(same), torch.cat([model(b) for b in same]), atol=1e-6, rtol=1e-5)
+
+
+def test_smile_ilse_embedding_option():
+    """hidden_dims / input_norm / embed_dropout build Ilse et al.'s MUSK embedding; the default is unchanged."""
+    from scripts.networks import build_mil_network
+
+    default = build_mil_network("smile", in_dim=32)
+    assert [type(m).__name__ for m in default.embed] == ["BatchNorm1d", "Linear", "ReLU"]
+    model = build_mil_network("smile", in_dim=166, hidden_dims=[256, 128], embed_dim=64, attention_dim=64,
+                              input_norm="none", embed_dropout=0.25)  # fmt: skip
+    linears = [m for m in model.embed if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(166, 256), (256, 128), (128, 64)]
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in model.embed)
+    assert sum(isinstance(m, nn.Dropout) for m in model.embed) == 3
+    rebuilt = build_mil_network("smile", **model.config)
+    rebuilt.load_state_dict(model.state_dict())  # config round-trips the architecture
+    x = torch.randn(7, 166)
+    assert model.eval()(x).shape == (1,)
+    with pytest.raises(ValueError, match="input_norm"):
+        build_mil_network("smile", in_dim=8, input_norm="layernorm")

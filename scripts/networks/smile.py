@@ -2,7 +2,11 @@
 
 Architecture (as in the official ``STAS_MIL`` of panliangrui/IJCAI25, ``model/STAS_MILP.py``):
 
-1. instance embedding ``BatchNorm1d(in_dim) -> Linear(in_dim, embed_dim) -> ReLU``;
+1. instance embedding ``BatchNorm1d(in_dim) -> Linear(in_dim, embed_dim) -> ReLU``. Two options (off by
+   default, so the default is the official network) give the embedding of Ilse et al.'s classic-MIL
+   networks: ``hidden_dims`` inserts ``Linear -> ReLU`` layers before the last one (e.g. ``[256, 128]``
+   with ``embed_dim=64``: in_dim -> 256 -> 128 -> 64), ``input_norm="none"`` drops the input BatchNorm
+   (for inputs standardised beforehand), and ``embed_dropout`` adds dropout after each embedding layer;
 2. gated attention: ``sigmoid(W_a h) * tanh(W_b h)`` (hidden ``attention_dim``) then ``Linear(attention_dim, 1)``:
    one raw attention logit ``s_i`` per instance;
 3. *scale-aware damping*: within each bag the raw logits are min-max normalised,
@@ -31,7 +35,7 @@ over bags.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -72,6 +76,10 @@ class SMILE(MILNetwork):
         threshold: min-max normalised logits strictly above it are damped (official config: 0.5).
         factor: multiplier of the damped logits (official config: 0.5; its runs: 0.3); 1.0 = gated ABMIL.
         dropout: dropout on the bag embedding before the classifier (0 = none, as in the official code).
+        hidden_dims: sizes of extra ``Linear -> ReLU`` embedding layers before the last ``Linear(.., embed_dim)``
+            (default none: the official one-layer embedding).
+        input_norm: ``"batchnorm"`` (official: ``BatchNorm1d(in_dim)`` on the raw features) or ``"none"``.
+        embed_dropout: dropout after each embedding layer (0 = none, official).
     """
 
     def __init__(
@@ -82,17 +90,37 @@ class SMILE(MILNetwork):
         threshold: float = 0.5,
         factor: float = 0.5,
         dropout: float = 0.0,
+        hidden_dims: Sequence[int] = (),
+        input_norm: str = "batchnorm",
+        embed_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.in_dim, self.embed_dim, self.attention_dim = int(in_dim), int(embed_dim), int(attention_dim)
         self.threshold, self.factor, self.dropout_p = float(threshold), float(factor), float(dropout)
-        self.embed = nn.Sequential(nn.BatchNorm1d(self.in_dim), nn.Linear(self.in_dim, self.embed_dim), nn.ReLU())
+        if isinstance(hidden_dims, (int, float)):
+            hidden_dims = [hidden_dims]
+        self.hidden_dims = [int(h) for h in hidden_dims or ()]
+        if any(h < 1 for h in self.hidden_dims):
+            raise ValueError(f"hidden_dims must be positive sizes, got {list(hidden_dims)}")
+        if input_norm not in ("batchnorm", "none"):
+            raise ValueError(f"input_norm must be 'batchnorm' or 'none', got {input_norm!r}")
+        self.input_norm, self.embed_dropout_p = input_norm, float(embed_dropout)
+        layers: list[nn.Module] = [nn.BatchNorm1d(self.in_dim)] if input_norm == "batchnorm" else []
+        size = self.in_dim
+        for out in [*self.hidden_dims, self.embed_dim]:
+            layers += [nn.Linear(size, out), nn.ReLU()]
+            if self.embed_dropout_p > 0:
+                layers.append(nn.Dropout(self.embed_dropout_p))
+            size = out
+        # default (official): embed = Sequential(BatchNorm1d, Linear, ReLU), the names the official loader maps to
+        self.embed = nn.Sequential(*layers)
         self.attention_gate = nn.Linear(self.embed_dim, self.attention_dim)  # sigmoid branch (official a_attention)
         self.attention_value = nn.Linear(self.embed_dim, self.attention_dim)  # tanh branch (official b_attention)
         self.attention_score = nn.Linear(self.attention_dim, 1)
         self.dropout = nn.Dropout(self.dropout_p) if self.dropout_p > 0 else nn.Identity()
         self.classifier = nn.Linear(self.embed_dim, 1)
-        for layer in (self.embed[1], self.attention_gate, self.attention_value, self.attention_score):
+        embed_linears = [m for m in self.embed if isinstance(m, nn.Linear)]
+        for layer in (*embed_linears, self.attention_gate, self.attention_value, self.attention_score):
             nn.init.xavier_normal_(layer.weight)  # the official initialisation
 
     @property
@@ -105,6 +133,9 @@ class SMILE(MILNetwork):
             "threshold": self.threshold,
             "factor": self.factor,
             "dropout": self.dropout_p,
+            "hidden_dims": list(self.hidden_dims),
+            "input_norm": self.input_norm,
+            "embed_dropout": self.embed_dropout_p,
         }
 
     def forward_packed(self, x: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> dict[str, torch.Tensor]:
