@@ -117,14 +117,14 @@ def main(workdir: str = "data/demo", quick: bool = False) -> None:
 
 def _print_table(timings) -> None:
     print("\n" + "=" * 100)
-    print(f"{'stage':<22}{'status':<8}{'seconds':>9}  outputs")
+    print(f"{'stage':<30}{'status':<8}{'seconds':>9}  outputs")
     print("-" * 100)
     for stage, seconds, code in timings:
         status = "ok" if code == 0 else f"exit {code}"
         outputs = stage.outputs or ["-"]
-        print(f"{stage.name:<22}{status:<8}{seconds:>9.1f}  {_rel(outputs[0])}")
+        print(f"{stage.name:<30}{status:<8}{seconds:>9.1f}  {_rel(outputs[0])}")
         for extra in outputs[1:]:
-            print(f"{'':<39}  {_rel(extra)}")
+            print(f"{'':<47}  {_rel(extra)}")
     print("=" * 100)
 
 
