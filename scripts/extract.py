@@ -39,6 +39,7 @@ import torch
 from scripts.datalist import load_datalist
 from scripts.io_utils import atomic_path, write_csv
 from scripts.networks.encoders import Encoder
+from scripts.wsi.patch_file import read_patch_file as read_coordinate_file
 from scripts.wsi.patch_file import slide_fingerprint
 from scripts.wsi.reader import DEFAULT_BACKENDS, PatchReader, warm_up
 
@@ -64,8 +65,11 @@ class PatchInfo:
 
 
 def read_patch_file(path: str | Path, slide_path: str | Path | None = None) -> PatchInfo:
-    """Read a preprocessing patch file: ``coords`` (N, 2) and the attributes needed to read the patches.
+    """Read a patch file: ``coords`` (N, 2) and the attributes needed to read the patches.
 
+    Files written by this bundle's preprocessing, by CLAM (attributes on ``coords``) and by TRIDENT are
+    read through :func:`scripts.wsi.patch_file.read_patch_file`. For other files with a ``coords``
+    dataset and a ``patch_size`` attribute:
     The region read at ``level`` is ``read_size_level`` pixels when the file says so, else
     ``patch_size_level0 / level_downsample``, else ``patch_size * target_mpp / (mpp * level_downsample)``,
     rounded.
@@ -73,6 +77,18 @@ def read_patch_file(path: str | Path, slide_path: str | Path | None = None) -> P
     path = Path(path)
     if not path.is_file():
         raise PatchFileError(f"patch file {path} not found; run the preprocessing workflow first (configs/preprocess.json)")
+    try:  # this bundle's, CLAM's and TRIDENT's layouts, read by the preprocessing module
+        known = read_coordinate_file(path)
+    except (ValueError, KeyError, TypeError):
+        known = None
+    if known is not None and known.layout == "trident" and "level" in known.attrs:
+        known = None  # a level-0 footprint plus an explicit level: computed below
+    if known is not None:
+        slide = slide_path if slide_path not in (None, "") else known.attrs.get("slide_path")
+        if not slide:
+            raise PatchFileError(f"patch file {path}: no slide path (neither in the datalist nor attribute slide_path)")
+        return PatchInfo(path.stem, Path(str(slide)), known.coords, known.level, known.read_size_level,
+                         known.patch_size, known.mpp, known.target_mpp)
     with h5py.File(path, "r") as h5:
         if "coords" not in h5:
             raise PatchFileError(f"patch file {path} has no 'coords' dataset")

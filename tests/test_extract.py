@@ -359,3 +359,17 @@ def test_two_ranks_write_every_slide_exactly_once(bundle_root, tmp_path):
             ranks[f"s{i}"] = int(h5.attrs["rank"])
     assert ranks == {f"s{i}": i % 2 for i in range(5)}  # datalist order, dealt round-robin
     assert len(list((out / "features").iterdir())) == 5
+
+
+def test_clam_coordinate_file_is_read(tmp_path):
+    """CLAM keeps patch_level / patch_size on the coords dataset, not the file root."""
+    coords = np.array([[0, 0], [512, 0]], dtype=np.int64)
+    with h5py.File(tmp_path / "clam.h5", "w") as h5:
+        dataset = h5.create_dataset("coords", data=coords)
+        dataset.attrs["patch_level"] = 1
+        dataset.attrs["patch_size"] = 256
+        dataset.attrs["downsample"] = np.array([2.0, 2.0])
+    info = read_patch_file(tmp_path / "clam.h5", tmp_path / "slide.tif")
+    assert (info.level, info.read_size, info.patch_size) == (1, 256, 256)
+    np.testing.assert_array_equal(info.coords, coords)
+    assert info.slide_path == tmp_path / "slide.tif"
