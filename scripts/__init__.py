@@ -7,3 +7,7 @@ bundles expect; ``python -m monai.bundle run`` from the bundle root does that.
 from scripts.quiet import quiet_native_libraries
 
 quiet_native_libraries()
+
+from scripts.errors import install_excepthook
+
+install_excepthook()

@@ -23,12 +23,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scripts.errors import BundleError
+
 REQUIRED_COLUMNS = ("slide_id", "path", "label", "patient_id", "center")
 OPTIONAL_COLUMNS = ("mpp", "features")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._+-]+$")
 
 
-class DatalistError(ValueError):
+class DatalistError(BundleError, ValueError):
     """A datalist that cannot be used; the message lists every problem found and how to fix it."""
 
 

@@ -36,6 +36,7 @@ import h5py
 import numpy as np
 import torch
 
+from scripts.errors import BundleError
 from scripts.datalist import load_datalist
 from scripts.io_utils import atomic_path, write_csv
 from scripts.networks.encoders import Encoder
@@ -48,7 +49,7 @@ logger = logging.getLogger(__name__)
 SUMMARY_COLUMNS = ["slide_id", "status", "error", "n_patches", "seconds", "patches_per_s", "encoder", "weights_sha256"]
 
 
-class PatchFileError(ValueError):
+class PatchFileError(BundleError, ValueError):
     """A patch coordinate file that is missing or lacks what extraction needs."""
 
 

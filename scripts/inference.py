@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from scripts.errors import BundleError
 from scripts.attention_outputs import write_slide_outputs
 from scripts.datalist import SlideRecord, load_datalist
 from scripts.io_utils import write_csv
@@ -49,7 +50,7 @@ logger = logging.getLogger(__name__)
 STAGES = ("read", "tissue", "grid", "features", "mil", "outputs")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BundleError, ValueError):
     """No usable model checkpoint; the message names the path and what to do."""
 
 

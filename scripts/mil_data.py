@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from scripts.errors import BundleError
 from scripts.datalist import load_datalist
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class BagList(list):
     skipped: list[str]
 
 
-class FeatureFileError(ValueError):
+class FeatureFileError(BundleError, ValueError):
     """A feature file that cannot be used (message names the file and what is wrong)."""
 
 

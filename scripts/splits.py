@@ -21,13 +21,14 @@ from typing import Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from scripts.errors import BundleError
 from scripts.io_utils import write_json
 from scripts.mil_data import Bag
 
 logger = logging.getLogger(__name__)
 
 
-class SplitError(ValueError):
+class SplitError(BundleError, ValueError):
     """Splits that cannot be made or used; the message says why and what to change."""
 
 

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from scripts.errors import BundleError
 from scripts.io_utils import atomic_path, write_csv, write_json
 from scripts.metrics import classification_report, nan_to_none, youden_threshold
 from scripts.mil_data import Bag
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 OTHERS = "other centres"
 
 
-class TransferError(ValueError):
+class TransferError(BundleError, ValueError):
     """A cohort that cannot be used for a cross-centre analysis (the message says why)."""
 
 

@@ -24,6 +24,8 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
+from scripts.errors import BundleError
+
 CTRANSPATH_FEATURE_DIM = 768
 
 # Published locations of the weights; nothing in the bundle downloads them.
@@ -39,7 +41,7 @@ CTRANSPATH_WEIGHTS_HELP = (
 _RECOMPUTED_BUFFERS = ("relative_position_index", "attn_mask")
 
 
-class WeightsError(RuntimeError):
+class WeightsError(BundleError, RuntimeError):
     """Encoder weights that are absent or do not fit the network; the message says why and what to do."""
 
 

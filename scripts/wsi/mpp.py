@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from scripts.errors import BundleError
+
 MPP_RANGE = (0.05, 20.0)  # the same plausibility range the datalist uses
 
 _APERIO_MPP = re.compile(r"(?:^|\|)\s*MPP\s*=\s*([0-9.eE+-]+)")
@@ -31,7 +33,7 @@ _OME_UNIT = re.compile(r'PhysicalSizeXUnit="([^"]+)"')
 _OME_UNITS_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
 
-class MppError(ValueError):
+class MppError(BundleError, ValueError):
     """No usable microns-per-pixel for a slide; the message names the slide and the fix."""
 
 

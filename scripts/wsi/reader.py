@@ -32,6 +32,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from scripts.errors import BundleError
 from scripts.quiet import native_output_silenced
 from scripts.wsi import mpp as mpp_lib
 
@@ -42,7 +43,7 @@ _PROBE_SCRIPT = Path(__file__).with_name("_cucim_probe.py")
 _PROBE_CACHE: dict[tuple, tuple[bool, str]] = {}
 
 
-class SlideReadError(RuntimeError):
+class SlideReadError(BundleError, RuntimeError):
     """No backend could read a slide; the message lists each backend's reason."""
 
 

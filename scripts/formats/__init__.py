@@ -1,0 +1,9 @@
+"""One home per file format and per output path.
+
+- ``patch_file``: patch-coordinate h5 files (bundle, CLAM and TRIDENT layouts), read and written.
+- ``feature_file``: feature files (bundle h5, CLAM ``h5_files``/``pt_files``, TRIDENT ``features_<enc>``).
+- ``layout``: :class:`OutputLayout`, every path of an output folder.
+- ``checkpoints``: fold checkpoints and published models, saved and loaded safely.
+
+Nothing outside this package opens these files.
+"""
