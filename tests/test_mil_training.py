@@ -133,7 +133,7 @@ def test_train_fold_learns_and_checkpoint_roundtrip(tmp_path):
     assert history["network"]["name"] == "smile" and history["network"]["kwargs"]["in_dim"] == DIM
     from scripts.training import save_checkpoint
 
-    save_checkpoint(tmp_path / "m.pt", model, history["network"])
+    save_checkpoint(tmp_path / "m.pt", model, network=history["network"])
     again, _ = load_checkpoint(tmp_path / "m.pt")
     test = [by_id[s] for s in fold["test"]]
     np.testing.assert_allclose(predict(again, test), predict(model, test), atol=1e-6)
