@@ -16,7 +16,7 @@ Python API (the bundle's ``configs/train.json`` calls the same functions)::
   ``functools.partial`` of :func:`scripts.networks.build_mil_network`, a config item with
   ``"_mode_": "callable"``) or an ``nn.Module`` instance (deep-copied for every fold);
 * :class:`TrainSettings` holds everything else (epochs, batch size, optimiser factory, loss, early
-  stopping, seed, device); its defaults are the SMILE recipe: Ranger (RAdam + Lookahead) lr 2e-4,
+  stopping, seed, device); its defaults are the SMILE recipe: Ranger 20.4.11 (:class:`scripts.optim.Ranger`) lr 2e-4,
   weight decay 1e-5, 100 epochs, batches of 12 bags, early stopping and checkpoint selection on the
   validation AUC (ties broken by the lower validation loss);
 * a network's extra training losses (``training_loss_terms``) are added to the bag BCE.
@@ -54,27 +54,36 @@ THRESHOLD_KEYS = ("accuracy", "balanced_accuracy", "f1", "sensitivity", "specifi
 
 
 def create_optimizer(
-    params, name: str = "lookahead_radam", lr: float = 2e-4, weight_decay: float = 1e-5,
+    params, name: str = "ranger", lr: float = 2e-4, weight_decay: float = 1e-5,
     betas=(0.95, 0.999), eps: float = 1e-5, **kwargs,
 ):  # fmt: skip
-    """An optimiser from timm's factory (``timm.optim.create_optimizer_v2``) for a model or parameters.
+    """An optimiser by name for a model or parameters: ``ranger`` or any timm name.
 
-    The default is Ranger as RAdam + Lookahead (timm ``lookahead_radam``; Lookahead alpha 0.5, k 6) with
-    the official SMILE betas (0.95, 0.999) and eps 1e-5. (The official Ranger 20.4.11 also centralises
-    gradients; timm's does not.) Weight decay is not applied to biases and normalisation parameters
-    (timm's default). Any timm name works (``adam``, ``adamw``, ``lookahead_adam``, ...).
+    ``ranger`` (the default, the official SMILE optimiser) is :class:`scripts.optim.Ranger`: Ranger
+    20.4.11 = RAdam (betas 0.95/0.999, eps 1e-5, rectified when the SMA length exceeds 5) + Lookahead
+    (k 6, alpha 0.5) + gradient centralisation on tensors with more than one dimension + decoupled
+    weight decay on every parameter. Every other name goes to timm's factory
+    (``timm.optim.create_optimizer_v2``: ``lookahead_radam``, ``adam``, ``adamw``, ...); note that timm's
+    ``lookahead_radam`` is *not* Ranger 20.4.11 (no gradient centralisation, coupled L2 decay, no
+    decay on biases and normalisation parameters).
 
     Note: RAdam's rectification is an implicit warm-up of roughly 1/(1 - beta2) steps; on a small
     cohort (a few optimiser steps per epoch) it learns slowly in the first hundreds of steps.
     """
+    if str(name).lower() == "ranger":
+        from scripts.optim import Ranger
+
+        if isinstance(params, nn.Module):
+            params = params.parameters()
+        return Ranger(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, **kwargs)
     from timm.optim import create_optimizer_v2
 
     return create_optimizer_v2(params, opt=name, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, **kwargs)
 
 
 def ranger(params, lr: float = 2e-4, weight_decay: float = 1e-5, betas=(0.95, 0.999), eps: float = 1e-5):
-    """Ranger (RAdam + Lookahead) with the SMILE settings; see :func:`create_optimizer`."""
-    return create_optimizer(params, "lookahead_radam", lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+    """Ranger 20.4.11 with the SMILE settings (:class:`scripts.optim.Ranger`); see :func:`create_optimizer`."""
+    return create_optimizer(params, "ranger", lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
 
 
 @dataclass
