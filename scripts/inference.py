@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import h5py
 import numpy as np
 import torch
 from torch import nn
@@ -42,6 +41,7 @@ from torch import nn
 from scripts.formats.checkpoints import CheckpointError, load_into_network, resolve_checkpoints  # noqa: F401
 from scripts.attention_outputs import write_slide_outputs
 from scripts.datalist import SlideRecord, load_datalist
+from scripts.formats.feature_file import patch_geometry, read_features  # noqa: F401 - read_features re-exported
 from scripts.io_utils import write_csv
 
 logger = logging.getLogger(__name__)
@@ -83,24 +83,6 @@ load_checkpoint_model = load_into_network
 
 
 # ------------------------------------------------------------------------------------------------ model
-def read_features(path: str | Path, rows_per_read: int = 4096) -> tuple[torch.Tensor, np.ndarray]:
-    """Features (N, D) float32 tensor and coords (N, 2), read in row blocks into one preallocated array."""
-    with h5py.File(path, "r") as handle:
-        if "features" not in handle or "coords" not in handle:
-            raise ValueError(f"{path} needs datasets 'features' (N, D) and 'coords' (N, 2)")
-        dataset = handle["features"]
-        n, d = dataset.shape
-        features = torch.empty((n, d), dtype=torch.float32)
-        view = features.numpy()
-        for start in range(0, n, rows_per_read):
-            stop = min(n, start + rows_per_read)
-            view[start:stop] = dataset[start:stop]
-        coords = handle["coords"][()]
-    if coords.shape != (n, 2):
-        raise ValueError(f"{path}: coords shape {coords.shape} does not match {n} feature rows")
-    return features, coords
-
-
 @torch.inference_mode()
 def predict_bag(
     models: Sequence[nn.Module], features: torch.Tensor, device: torch.device | str = "cpu",
@@ -367,22 +349,14 @@ class SlideInference:
 
 
 def _patch_size_level0(feature_file: Path, patch_file: Path) -> float:
-    """Level-0 side of one patch, from the feature file's or the patch file's attributes."""
-    for path in (feature_file, patch_file):
-        if path.is_file():
-            with h5py.File(path, "r") as handle:
-                attrs = dict(handle.attrs)
-                for ds in ("coords", "features"):
-                    if ds in handle:
-                        attrs = {**dict(handle[ds].attrs), **attrs}
-            if "patch_size_level0" in attrs:
-                return float(attrs["patch_size_level0"])
-            if "patch_size" in attrs and "level_downsample" in attrs:
-                return float(attrs["patch_size"]) * float(attrs["level_downsample"])
-            if "patch_size" in attrs and "mpp" in attrs and "target_mpp" in attrs:
-                return float(attrs["patch_size"]) * float(attrs["target_mpp"]) / float(attrs["mpp"])
-    raise ValueError(f"cannot tell the patch size in level-0 pixels: neither {feature_file} nor {patch_file} has a "
-                     "'patch_size_level0' attribute (re-run preprocessing)")
+    """Level-0 side of one patch, from the feature file's attributes or the patch file beside it
+    (:func:`scripts.formats.feature_file.patch_geometry`)."""
+    slide_id = patch_file.name[: -len("_patches.h5")] if patch_file.name.endswith("_patches.h5") else patch_file.stem
+    geometry = patch_geometry(feature_file, slide_id, patch_file.parent.parent)
+    if geometry.patch_size_level0 is None:
+        raise ValueError(f"cannot tell the patch size in level-0 pixels: neither {feature_file} nor {patch_file} has a "
+                         "'patch_size_level0' attribute (re-run preprocessing)")
+    return geometry.patch_size_level0
 
 
 # -------------------------------------------------------------------------------------------------- CLI
