@@ -25,6 +25,7 @@ from scripts.heldout import OverlapError, check_overlap  # noqa: F401 (OverlapEr
 from scripts.io_utils import write_csv, write_json
 from scripts.metrics import classification_report, format_ci, nan_to_none, plot_roc
 from scripts.mil_data import Bag, feature_dim
+from scripts.formats.checkpoints import find_fold_checkpoints
 from scripts.training import load_checkpoint, predict
 
 logger = logging.getLogger(__name__)
@@ -48,13 +49,7 @@ def evaluation_bags(datalist, features_dir=None, **kwargs):
 
 def find_fold_models(models_dir: str | Path) -> list[Path]:
     """``fold<k>/model.pt`` files under ``models_dir`` (a training run's ``cv/`` folder), in fold order."""
-    models_dir = Path(models_dir)
-    paths = sorted(models_dir.glob("fold*/model.pt"), key=lambda p: int(p.parent.name[4:]) if p.parent.name[4:].isdigit() else 0)
-    if not paths:
-        raise FileNotFoundError(
-            f"no fold models (fold<k>/model.pt) under {models_dir}; pass --models_dir <training output_dir>/cv"
-        )
-    return paths
+    return find_fold_checkpoints(models_dir)
 
 
 def evaluate_cohort(

@@ -1,5 +1,5 @@
 """Is a cohort held out from a model's training data? Patient overlap between a cohort and the
-training/validation data recorded in fold checkpoints (``train_patient_ids``/``val_patient_ids``,
+training/validation data recorded in fold checkpoints (``metadata`` ``train_patient_ids``/``val_patient_ids``,
 written by ``scripts.training.data_provenance``).
 
 :func:`check_overlap` refuses an overlapping cohort (:class:`OverlapError`, used by evaluation) or only
@@ -23,9 +23,14 @@ class OverlapError(BundleError):
 
 def training_patients(checkpoint: dict) -> set[str] | None:
     """Patients a fold checkpoint was trained or validated on (None if it does not record them)."""
-    if not isinstance(checkpoint, dict) or "train_patient_ids" not in checkpoint:
+    if not isinstance(checkpoint, dict):
         return None
-    return {str(p) for p in checkpoint.get("train_patient_ids") or []} | {str(p) for p in checkpoint.get("val_patient_ids") or []}
+    record = checkpoint.get("metadata") if isinstance(checkpoint.get("metadata"), dict) else {}
+    if "train_patient_ids" not in record:
+        record = checkpoint  # older layout: top-level keys
+    if "train_patient_ids" not in record:
+        return None
+    return {str(p) for p in record.get("train_patient_ids") or []} | {str(p) for p in record.get("val_patient_ids") or []}
 
 
 def cohort_overlap(cohort: Sequence, seen: Iterable[tuple[str, set[str] | None]]) -> dict:

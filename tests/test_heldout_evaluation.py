@@ -37,8 +37,8 @@ def test_checkpoints_record_data_and_evaluation_refuses_overlap(tmp_path, caplog
     run_cross_validation(FACTORY, bags, splits, TrainSettings(**FAST), output_dir=tmp_path, n_bootstrap=20)
     _, checkpoint = load_checkpoint(tmp_path / "cv" / "fold0" / "model.pt")
     fold = splits["folds"][0]
-    assert checkpoint["train_slide_ids"] == fold["train"] and checkpoint["val_slide_ids"] == fold["val"]
-    assert set(checkpoint["train_patient_ids"]) == {s.split("_")[0] for s in fold["train"]}
+    assert checkpoint["metadata"]["train_slide_ids"] == fold["train"] and checkpoint["metadata"]["val_slide_ids"] == fold["val"]
+    assert set(checkpoint["metadata"]["train_patient_ids"]) == {s.split("_")[0] for s in fold["train"]}
 
     # two patients of the training cohort among held-out ones: refused, the message counts and names the fix
     mixed = _bags(6, 3, prefix="h", seed=1) + [b for b in bags if b.patient_id in ("p00", "p07")]

@@ -147,7 +147,7 @@ def test_train_fold_learns_and_checkpoint_roundtrip(tmp_path):
     assert history["network"]["name"] == "smile" and history["network"]["kwargs"]["in_dim"] == DIM
     from scripts.training import save_checkpoint
 
-    save_checkpoint(tmp_path / "m.pt", model, history["network"])
+    save_checkpoint(tmp_path / "m.pt", model, network=history["network"])
     again, _ = load_checkpoint(tmp_path / "m.pt")
     test = [by_id[s] for s in fold["test"]]
     np.testing.assert_allclose(predict(again, test), predict(model, test), atol=1e-6)
@@ -187,9 +187,9 @@ def test_bundle_train_and_evaluate_workflows(tmp_path, bundle_root):
         model, checkpoint = load_checkpoint(cv / f"fold{k}" / "model.pt")
         assert checkpoint["network"]["name"] == "smile" and checkpoint["feature_dim"] == DIM
         fold = splits["folds"][k]
-        assert checkpoint["train_slide_ids"] == fold["train"] and checkpoint["val_slide_ids"] == fold["val"]
-        assert checkpoint["train_patient_ids"] == sorted({by_slide[s] for s in fold["train"]})
-        assert checkpoint["val_patient_ids"] == sorted({by_slide[s] for s in fold["val"]})
+        assert checkpoint["metadata"]["train_slide_ids"] == fold["train"] and checkpoint["metadata"]["val_slide_ids"] == fold["val"]
+        assert checkpoint["metadata"]["train_patient_ids"] == sorted({by_slide[s] for s in fold["train"]})
+        assert checkpoint["metadata"]["val_patient_ids"] == sorted({by_slide[s] for s in fold["val"]})
     assert (cv / "roc.png").stat().st_size > 1000 and (cv / "model.pt").is_file()
 
     assert summary["pooled"]["ci_method"] == "patient bootstrap (stratified, 200), percentile 95%"
