@@ -32,6 +32,7 @@ from scripts.formats.patch_file import read_patch_file
 CMU = "cmu-1-small-region.svs"  # 2220 x 2967, one level, 0.499 µm/px
 CMU_MPP = 0.499
 DIM = 24
+NET = dict(in_dim=DIM, embed_dim=16, attention_dim=8)  # the small SMILE trained here
 
 
 # --------------------------------------------------------------------------- the peers' layouts, written
@@ -268,7 +269,7 @@ def test_inference_on_clam_and_trident_files(cmu, tmp_path, trident_models):
     def run(out, **kw):
         from scripts.inference import SlideDataset
 
-        workflow = SlideInference(SlideDataset(datalist), BagClassifier("smile"), None, trident_models, out,
+        workflow = SlideInference(SlideDataset(datalist), BagClassifier("smile", **NET), None, trident_models, out,
                                   top_k=4, thumbnail_size=256, feature_dirs=[t20_dir], patch_size=256,
                                   target_mpp=0.5, **kw)
         return {r["slide_id"]: r for r in workflow.run()}
