@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from scripts.formats.layout import OutputLayout
 from scripts.io_utils import atomic_path, write_csv, write_json
 from scripts.metrics import nan_to_none, plot_roc
 from scripts.metrics.paired import delong_test, paired_bootstrap_auc
@@ -163,7 +164,7 @@ def compare_methods(
         logger.warning("reference method %r is not among the compared methods; using %r", reference, methods[0])
         reference = methods[0]
     methods = [reference] + [m for m in methods if m != reference]  # the reference heads the table
-    out_dir = Path(output_dir) / "compare"
+    out_dir = OutputLayout(output_dir).compare_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     dim = int(bags[0].load().shape[1])
     results: dict[str, Any] = {}
@@ -208,7 +209,7 @@ def compare_methods(
             "network_kwargs": kwargs,
         }
         if not keep_fold_models:
-            write_csv(out_dir / name / "cv" / "oof_predictions.csv", result.predictions)
+            write_csv(OutputLayout(out_dir / name).oof_predictions, result.predictions)
         rows.append(row)
         bar.write(f"{name}: pooled AUC {_fmt(row['pooled_auc'])}, fold AUC {_fmt(row['auc_mean'])} ± {_fmt(row['auc_std'])}")
     bar.close()

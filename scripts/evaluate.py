@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from scripts.formats.layout import OutputLayout
 from scripts.io_utils import write_csv, write_json
 from scripts.metrics import classification_report, nan_to_none, plot_roc
 from scripts.mil_data import Bag, feature_dim
@@ -42,7 +43,7 @@ def evaluate_cohort(
     n_bootstrap: int = 2000,
 ) -> dict:
     """Predict ``bags`` with every fold model of ``models_dir``, average, compute metrics, write files."""
-    out_dir = Path(output_dir) / "evaluation"
+    out_dir = OutputLayout(output_dir).evaluation_dir
     paths = find_fold_models(models_dir)
     dim = feature_dim(bags)
     fold_probs, thresholds, names = [], [], []

@@ -38,6 +38,7 @@ import torch
 
 from scripts.errors import BundleError
 from scripts.datalist import load_datalist
+from scripts.formats.layout import OutputLayout
 from scripts.io_utils import atomic_path, write_csv
 from scripts.networks.encoders import Encoder
 from scripts.wsi.patch_file import read_patch_file as read_coordinate_file
@@ -289,7 +290,7 @@ class FeatureExtractionWorkflow:
             if rank == 0:
                 order = {r.slide_id: i for i, r in enumerate(records)}
                 all_rows.sort(key=lambda row: order.get(row["slide_id"], len(order)))
-                write_csv(self.output_dir / "extract_summary.csv", all_rows, SUMMARY_COLUMNS)
+                write_csv(OutputLayout(self.output_dir).extract_summary, all_rows, SUMMARY_COLUMNS)
                 self._log_totals(all_rows)
             if world > 1:
                 torch.distributed.barrier()
@@ -331,7 +332,7 @@ class FeatureExtractionWorkflow:
 
     # ---------------------------------------------------------------------------------- the work
     def _extract(self, records, rank: int, world: int) -> list[dict]:
-        features_dir = self.output_dir / "features"
+        features_dir = OutputLayout(self.output_dir).features_dir
         features_dir.mkdir(parents=True, exist_ok=True)
         rows: dict[str, dict] = {}
         jobs: list[PatchInfo] = []
@@ -345,7 +346,7 @@ class FeatureExtractionWorkflow:
                     row["status"] = "precomputed" if record.features else "failed"
                     row["error"] = "" if record.features else "no slide path in the datalist"
                     continue
-                info = read_patch_file(self.output_dir / "patches" / f"{record.slide_id}.h5", record.path)
+                info = read_patch_file(OutputLayout(self.output_dir).patch_file(record.slide_id), record.path)
                 row["n_patches"] = len(info.coords)
                 if not self.overwrite and feature_file_is_complete(final, info.coords, self.encoder, info.slide_path):
                     row["status"] = "skipped"

@@ -43,6 +43,7 @@ from torch import nn
 from scripts.errors import BundleError
 from scripts.attention_outputs import write_slide_outputs
 from scripts.datalist import SlideRecord, load_datalist
+from scripts.formats.layout import OutputLayout
 from scripts.io_utils import write_csv
 
 logger = logging.getLogger(__name__)
@@ -93,8 +94,8 @@ def resolve_checkpoints(checkpoints: str | Path | Sequence[str | Path]) -> list[
             found.append(path)
         elif path.is_dir():
             folds = sorted(path.glob("fold*/model.pt"), key=lambda p: _fold_number(p.parent.name))
-            if not folds and (path / "cv").is_dir():
-                folds = sorted((path / "cv").glob("fold*/model.pt"), key=lambda p: _fold_number(p.parent.name))
+            if not folds and OutputLayout(path).cv_dir.is_dir():
+                folds = sorted(OutputLayout(path).cv_dir.glob("fold*/model.pt"), key=lambda p: _fold_number(p.parent.name))
             if not folds and (path / "model.pt").is_file():
                 folds = [path / "model.pt"]
             if not folds:
@@ -266,7 +267,7 @@ class FeatureStage:
         row = self._workflow._extract([record], 0, 1)[0]
         if row["status"] not in ("ok", "skipped"):
             raise RuntimeError(f"feature extraction: {row['status']}: {row['error']}")
-        return self.output_dir / "features" / f"{record.slide_id}.h5", time.perf_counter() - start
+        return OutputLayout(self.output_dir).feature_file(record.slide_id), time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------------------------- workflow
@@ -362,12 +363,13 @@ class SlideInference:
             results.append(result)
             self._print_slide(i, len(records), result)
         rows = [r.row() for r in results]
-        write_csv(self.output_dir / "predictions.csv", rows)
-        write_csv(self.output_dir / "inference_timings.csv",
+        layout = OutputLayout(self.output_dir)
+        write_csv(layout.predictions, rows)
+        write_csv(layout.inference_timings,
                   [{"slide_id": r.slide_id, **{s: round(r.timings.get(s, 0.0), 3) for s in STAGES},
                     "total": round(sum(r.timings.values()), 3)} for r in results])
         failed = [r for r in results if r.status != "ok"]
-        logger.info("predictions for %d slide(s) in %s%s", len(results) - len(failed), self.output_dir / "predictions.csv",
+        logger.info("predictions for %d slide(s) in %s%s", len(results) - len(failed), layout.predictions,
                     f"; {len(failed)} failed: " + ", ".join(r.slide_id for r in failed) if failed else "")
         return rows
 
@@ -394,7 +396,7 @@ class SlideInference:
     def _features_for(self, record: SlideRecord, timings: dict) -> Path:
         if record.features is not None and Path(record.features).suffix in (".h5", ".hdf5"):
             return Path(record.features)
-        existing = self.output_dir / "features" / f"{record.slide_id}.h5"
+        existing = OutputLayout(self.output_dir).feature_file(record.slide_id)
         if self.patch_stage is None or self.feature_stage is None:
             if existing.is_file():
                 return existing
@@ -408,15 +410,16 @@ class SlideInference:
 
     def _write_outputs(self, record: SlideRecord, feature_file: Path, coords: np.ndarray, attention: np.ndarray,
                        probability: float) -> None:
-        patch_size_level0 = _patch_size_level0(feature_file, self.output_dir / "patches" / f"{record.slide_id}.h5")
+        layout = OutputLayout(self.output_dir)
+        patch_size_level0 = _patch_size_level0(feature_file, layout.patch_file(record.slide_id))
         attrs = {"probability": probability, "threshold": float(self.threshold), "n_models": len(self.models),
                  "feature_file": str(feature_file)}
         if record.path is None:  # features only: no slide to draw on; attention and GeoJSON still written
             from scripts.attention_outputs import write_attention_h5, write_geojson
 
-            write_attention_h5(self.output_dir / "attention" / f"{record.slide_id}.h5", coords, attention,
+            write_attention_h5(layout.attention_file(record.slide_id), coords, attention,
                                patch_size_level0, attrs=dict(attrs, slide_id=record.slide_id))
-            write_geojson(self.output_dir / "geojson" / f"{record.slide_id}.geojson", coords, attention,
+            write_geojson(layout.geojson(record.slide_id), coords, attention,
                           patch_size_level0, slide_id=record.slide_id)
             return
         with open_slide_for_outputs(record.path, record.slide_id, record.mpp) as slide:

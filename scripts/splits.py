@@ -22,6 +22,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from scripts.errors import BundleError
+from scripts.formats.layout import OutputLayout
 from scripts.io_utils import write_json
 from scripts.mil_data import Bag
 
@@ -128,7 +129,7 @@ def load_or_make_splits(
     ``splits_file`` given: read, checked against the cohort and used. Otherwise an existing
     ``<output_dir>/splits.json`` is reused when it fits the cohort (same slides), else new splits are made.
     """
-    target = Path(output_dir) / "splits.json"
+    target = OutputLayout(output_dir).splits
     source = Path(splits_file) if splits_file not in (None, "") else None
     if source is None and target.is_file():
         source = target

@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from scripts.errors import BundleError
+from scripts.formats.layout import OutputLayout
 from scripts.io_utils import atomic_path, write_csv, write_json
 from scripts.metrics import classification_report, nan_to_none, youden_threshold
 from scripts.mil_data import Bag
@@ -92,7 +93,7 @@ def run_transfer(
     if missing:
         logger.warning("%d slide(s) have no centre and are left out of the transfer analysis: %s", len(missing), ", ".join(missing[:10]))
     by_center = {c: [b for b in bags if b.center == c] for c in centers}
-    out_dir = Path(output_dir) / "transfer"
+    out_dir = OutputLayout(output_dir).transfer_dir
     matrix_rows, long_rows, prediction_rows = [], [], []
     jobs = [(m, c) for m in methods for c in centers]
     bar = tqdm(jobs, desc="train centre", unit="model", dynamic_ncols=True)
