@@ -197,6 +197,7 @@ def compare_methods(
             "pooled_auc": pooled["auc"],
             "pooled_auc_ci_low": (pooled.get("auc_ci") or [None, None])[0],
             "pooled_auc_ci_high": (pooled.get("auc_ci") or [None, None])[1],
+            "ci_method": pooled.get("ci_method"),
             "accuracy": at_val.get("accuracy"),
             "balanced_accuracy": at_val.get("balanced_accuracy"),
             "f1": at_val.get("f1"),
@@ -388,7 +389,9 @@ def comparison_markdown(comparison: dict) -> str:
     lines += [
         "",
         "How to read it: the pooled AUC is computed on every slide's out-of-fold probability (each slide",
-        "scored once, by the fold model that never saw its patient); its interval resamples slides.",
+        "scored once, by the fold model that never saw its patient); its 95% interval: "
+        + _ci_methods(comparison["rows"]) + " (patients carry all their slides; positive and negative",
+        "patients are resampled separately).",
         "Accuracy and F1 use each fold's threshold chosen on that fold's validation split (Youden).",
         f"ΔAUC is the pooled AUC of {ref} minus the method's, with a 95% paired-bootstrap interval that resamples",
         "patients; DeLong and bootstrap p-values test 'no difference' (two-sided). Holm adjusts DeLong p for",
@@ -396,6 +399,11 @@ def comparison_markdown(comparison: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _ci_methods(rows) -> str:
+    methods = sorted({r["ci_method"] for r in rows if r.get("ci_method")})
+    return "; ".join(methods) if methods else "n/a"
 
 
 def _describe_optimizer(value) -> str:

@@ -10,6 +10,9 @@ Columns
 ``mpp``         optional: microns per pixel at level 0, overriding the slide's own metadata
 ``features``    optional: a precomputed feature file (.h5 with ``features``, or .pt), e.g. from CLAM
                 or TRIDENT, relative to the CSV's folder; then ``path`` may be empty
+``annotations`` optional: the slide's region annotations as a QuPath GeoJSON export (level-0 pixels,
+                ``objectType`` "annotation"), relative to the CSV's folder; evaluation and inference
+                then report how well the attention localises them (``scripts.metrics.localisation``)
 
 Every problem in a datalist is found before any heavy work starts and reported in one error.
 """
@@ -26,7 +29,7 @@ from pathlib import Path
 from scripts.errors import BundleError
 
 REQUIRED_COLUMNS = ("slide_id", "path", "label", "patient_id", "center")
-OPTIONAL_COLUMNS = ("mpp", "features")
+OPTIONAL_COLUMNS = ("mpp", "features", "annotations")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._+-]+$")
 
 
@@ -44,6 +47,7 @@ class SlideRecord:
     mpp: float | None = None
     features: Path | None = None
     extra: dict = field(default_factory=dict, compare=False)
+    annotations: Path | None = None
 
     def as_row(self) -> dict:
         return {
@@ -54,6 +58,7 @@ class SlideRecord:
             "center": self.center,
             "mpp": "" if self.mpp is None else self.mpp,
             "features": "" if self.features is None else str(self.features),
+            "annotations": "" if self.annotations is None else str(self.annotations),
         }
 
 
@@ -144,6 +149,7 @@ def load_datalist(
 
         slide_path = _resolve(root, row.get("path", ""))
         features_path = _resolve(root, row.get("features", ""))
+        annotations_path = _resolve(root, row.get("annotations", ""))
         if slide_path is None and (require_slides or features_path is None):
             problems.append(f"{where}: slide {slide_id!r} has an empty path")
         if check_files:
@@ -151,9 +157,13 @@ def load_datalist(
                 problems.append(f"{where}: slide file {slide_path} of {slide_id!r} does not exist")
             if features_path is not None and not features_path.exists():
                 problems.append(f"{where}: feature file {features_path} of {slide_id!r} does not exist")
+            if annotations_path is not None and not annotations_path.is_file():
+                problems.append(f"{where}: annotation file {annotations_path} of {slide_id!r} does not exist "
+                                "(a QuPath GeoJSON export; leave the cell empty when the slide has none)")
 
         extra = {k: v for k, v in row.items() if k not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS}
-        records.append(SlideRecord(slide_id, slide_path, label, patient_id, center, mpp, features_path, extra))
+        records.append(SlideRecord(slide_id, slide_path, label, patient_id, center, mpp, features_path, extra,
+                                   annotations=annotations_path))
 
     for patient_id, centers in sorted(centers_of_patient.items()):
         if len(centers) > 1:

@@ -32,26 +32,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import h5py
 import numpy as np
 import torch
 
-from scripts.errors import BundleError
 from scripts.datalist import load_datalist
 from scripts.formats.layout import OutputLayout
 from scripts.io_utils import atomic_path, write_csv
 from scripts.networks.encoders import Encoder
-from scripts.wsi.patch_file import read_patch_file as read_coordinate_file
-from scripts.wsi.patch_file import slide_fingerprint
+from scripts.formats.feature_file import FeatureWriter, load_features, write_pt_file
+from scripts.formats.feature_file import feature_file_is_complete as _feature_file_is_complete
+from scripts.formats.patch_file import PatchFile, PatchFileError, find_patch_file
+from scripts.formats.patch_file import read_patch_file as read_coordinate_file
+from scripts.formats.patch_file import slide_fingerprint
 from scripts.wsi.reader import DEFAULT_BACKENDS, PatchReader, warm_up
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = ["slide_id", "status", "error", "n_patches", "seconds", "patches_per_s", "encoder", "weights_sha256"]
-
-
-class PatchFileError(BundleError, ValueError):
-    """A patch coordinate file that is missing or lacks what extraction needs."""
 
 
 @dataclass
@@ -64,94 +61,27 @@ class PatchInfo:
     patch_size: int  # output pixels (before the encoder's own resize)
     mpp: float | None
     target_mpp: float | None
+    patch: PatchFile | None = None  # the file's full description (attributes copied into the feature file)
 
 
 def read_patch_file(path: str | Path, slide_path: str | Path | None = None) -> PatchInfo:
-    """Read a patch file: ``coords`` (N, 2) and the attributes needed to read the patches.
-
-    Files written by this bundle's preprocessing, by CLAM (attributes on ``coords``) and by TRIDENT are
-    read through :func:`scripts.wsi.patch_file.read_patch_file`. For other files with a ``coords``
-    dataset and a ``patch_size`` attribute:
-    The region read at ``level`` is ``read_size_level`` pixels when the file says so, else
-    ``patch_size_level0 / level_downsample``, else ``patch_size * target_mpp / (mpp * level_downsample)``,
-    rounded.
-    """
+    """Read a patch file (bundle, CLAM, TRIDENT or generic layout: :mod:`scripts.formats.patch_file`) and
+    pair it with its slide (``slide_path``, else the file's ``slide_path`` attribute)."""
     path = Path(path)
-    if not path.is_file():
-        raise PatchFileError(f"patch file {path} not found; run the preprocessing workflow first (configs/preprocess.json)")
-    try:  # this bundle's, CLAM's and TRIDENT's layouts, read by the preprocessing module
-        known = read_coordinate_file(path)
-    except (ValueError, KeyError, TypeError):
-        known = None
-    if known is not None and known.layout == "trident" and "level" in known.attrs:
-        known = None  # a level-0 footprint plus an explicit level: computed below
-    if known is not None:
-        slide = slide_path if slide_path not in (None, "") else known.attrs.get("slide_path")
-        if not slide:
-            raise PatchFileError(f"patch file {path}: no slide path (neither in the datalist nor attribute slide_path)")
-        return PatchInfo(path.stem, Path(str(slide)), known.coords, known.level, known.read_size_level,
-                         known.patch_size, known.mpp, known.target_mpp)
-    with h5py.File(path, "r") as h5:
-        if "coords" not in h5:
-            raise PatchFileError(f"patch file {path} has no 'coords' dataset")
-        coords = h5["coords"][()]
-        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in h5.attrs.items()}
-    if coords.ndim != 2 or (coords.size and coords.shape[1] != 2):
-        raise PatchFileError(f"patch file {path}: 'coords' must be (N, 2), got {coords.shape}")
-    coords = coords.reshape(-1, 2)
-    missing = [k for k in ("patch_size",) if k not in attrs]
-    if missing:
-        raise PatchFileError(f"patch file {path} lacks attribute(s) {missing}")
-    patch_size = int(attrs["patch_size"])
-    level = int(attrs.get("level", 0))
-    downsample = float(attrs.get("level_downsample", 1.0))
-    mpp = _float_or_none(attrs.get("mpp"))
-    target_mpp = _float_or_none(attrs.get("target_mpp"))
-    if "read_size_level" in attrs:  # what preprocessing computed for this level
-        read_size = int(attrs["read_size_level"])
-    elif "patch_size_level0" in attrs:
-        read_size = int(round(float(attrs["patch_size_level0"]) / downsample))
-    elif mpp and target_mpp:
-        read_size = int(round(patch_size * target_mpp / (mpp * downsample)))
-    else:
-        raise PatchFileError(
-            f"patch file {path}: cannot tell the region size to read (needs patch_size_level0, or mpp and target_mpp)")
-    if read_size < 1:
-        raise PatchFileError(f"patch file {path}: region size to read is {read_size} px")
-    if slide_path in (None, ""):
-        slide_path = attrs.get("slide_path")
-        if isinstance(slide_path, bytes):
-            slide_path = slide_path.decode()
-    if not slide_path:
+    known = read_coordinate_file(path)
+    slide = slide_path if slide_path not in (None, "") else known.attrs.get("slide_path")
+    if not slide:
         raise PatchFileError(f"patch file {path}: no slide path (neither in the datalist nor attribute slide_path)")
-    return PatchInfo(path.stem, Path(slide_path), coords, level, read_size, patch_size, mpp, target_mpp)
-
-
-def _float_or_none(value):
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if np.isfinite(value) and value > 0 else None
+    slide_id = path.name[: -len("_patches.h5")] if path.name.endswith("_patches.h5") else path.stem
+    return PatchInfo(slide_id, Path(str(slide)), known.coords, known.level, known.read_size_level,
+                     known.patch_size, known.mpp, known.target_mpp, known)
 
 
 def feature_file_is_complete(path: Path, coords: np.ndarray, encoder: Encoder, slide_path=None) -> bool:
     """True when ``path`` holds features of every patch in ``coords`` from this very encoder and weights
     (and, when ``slide_path`` is given, from the slide file as it is now)."""
-    if not path.is_file():
-        return False
-    try:
-        with h5py.File(path, "r") as h5:
-            feats, stored = h5["features"], h5["coords"][()]
-            return (
-                feats.shape == (len(coords), encoder.feature_dim)
-                and np.array_equal(stored.reshape(-1, 2), coords)
-                and h5.attrs.get("encoder") == encoder.name
-                and h5.attrs.get("weights_sha256") == encoder.weights_sha256
-                and (slide_path is None or h5.attrs.get("slide_fingerprint", "") == slide_fingerprint(slide_path))
-            )
-    except Exception:  # noqa: BLE001 - unreadable: extract again
-        return False
+    return _feature_file_is_complete(path, coords, encoder.name, encoder.weights_sha256, encoder.feature_dim,
+                                     None if slide_path is None else slide_fingerprint(slide_path))
 
 
 def remove_stale_temporaries(final: Path) -> int:
@@ -166,50 +96,18 @@ def remove_stale_temporaries(final: Path) -> int:
     return removed
 
 
-class _SlideWriter:
-    """An open temporary feature file, renamed into place by commit()."""
-
-    def __init__(self, final: Path, info: PatchInfo, encoder: Encoder, reader_backend: str, rank: int = 0, world: int = 1):
-        self._stack = contextlib.ExitStack()
-        tmp = self._stack.enter_context(atomic_path(final))
-        self.h5 = h5py.File(tmp, "w")
-        n = len(info.coords)
-        self.features = self.h5.create_dataset(
-            "features", shape=(n, encoder.feature_dim), dtype="float32",
-            chunks=(max(1, min(n, 256)), encoder.feature_dim) if n else None)
-        self.h5.create_dataset("coords", data=info.coords)
-        attrs = {
-            "encoder": encoder.name, "weights_sha256": encoder.weights_sha256,
-            "patch_size": info.patch_size, "mpp": info.mpp if info.mpp else np.nan,
-            "target_mpp": info.target_mpp if info.target_mpp else np.nan,
-            "level": info.level, "read_size": info.read_size, "input_size": encoder.input_size,
-            "slide_id": info.slide_id, "slide_path": str(info.slide_path), "reader": reader_backend,
-            "slide_fingerprint": slide_fingerprint(info.slide_path),
-            "rank": rank, "world_size": world,
-        }
-        for key, value in attrs.items():
-            self.h5.attrs[key] = value
-        self.written = 0
-        self.n = n
-
-    def write(self, feats: np.ndarray) -> None:
-        end = self.written + len(feats)
-        if end > self.n:
-            raise RuntimeError(f"reader returned more patches than the {self.n} in the patch file")
-        self.features[self.written:end] = feats
-        self.written = end
-
-    def commit(self) -> None:
-        if self.written != self.n:
-            raise RuntimeError(f"only {self.written} of {self.n} patches were read")
-        self.h5.close()
-        self._stack.close()  # rename into place
-
-    def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self.h5.close()
-        with contextlib.suppress(Exception):
-            self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)  # deletes the temporary file
+def _SlideWriter(final: Path, info: PatchInfo, encoder: Encoder, reader_backend: str, rank: int = 0, world: int = 1,
+                 precision: str | None = None, pt_file: Path | None = None) -> FeatureWriter:
+    """An open temporary feature file for one slide (:class:`scripts.formats.feature_file.FeatureWriter`)."""
+    attrs = {
+        "encoder": encoder.name, "weights_sha256": encoder.weights_sha256,
+        "patch_size": info.patch_size, "mpp": info.mpp, "target_mpp": info.target_mpp,
+        "level": info.level, "read_size": info.read_size, "input_size": encoder.input_size,
+        "precision": precision, "slide_id": info.slide_id, "name": info.slide_id, "slide_path": str(info.slide_path),
+        "reader": reader_backend, "slide_fingerprint": slide_fingerprint(info.slide_path),
+        "rank": rank, "world_size": world,
+    }
+    return FeatureWriter(final, info.coords, encoder.feature_dim, attrs, info.patch, pt_file)
 
 
 def reader_backends(reader_backend: str | Sequence[str]) -> tuple[str, ...]:
@@ -241,6 +139,7 @@ class FeatureExtractionWorkflow:
         compile: ``torch.compile`` the encoder (worth it on a GPU for large cohorts).
         distributed: "auto" (use torch.distributed when WORLD_SIZE > 1), True or False.
         progress: show a tqdm bar (patches/s).
+        write_pt_files: also write CLAM's ``<output_dir>/pt_files/<slide_id>.pt`` (the features tensor).
     """
 
     def __init__(
@@ -258,6 +157,7 @@ class FeatureExtractionWorkflow:
         compile: bool = False,
         distributed: str | bool = "auto",
         progress: bool = True,
+        write_pt_files: bool = False,
     ):
         self.datalist = Path(datalist)
         self.output_dir = Path(output_dir)
@@ -273,6 +173,7 @@ class FeatureExtractionWorkflow:
         self.compile = bool(compile)
         self.distributed = distributed
         self.progress = bool(progress)
+        self.write_pt_files = bool(write_pt_files)
 
     # ------------------------------------------------------------------------------------- entry
     def run(self) -> list[dict]:
@@ -346,10 +247,15 @@ class FeatureExtractionWorkflow:
                     row["status"] = "precomputed" if record.features else "failed"
                     row["error"] = "" if record.features else "no slide path in the datalist"
                     continue
-                info = read_patch_file(OutputLayout(self.output_dir).patch_file(record.slide_id), record.path)
+                patches = OutputLayout(self.output_dir).patches_dir
+                patch_path = find_patch_file(record.slide_id, [patches]) or patches / f"{record.slide_id}.h5"
+                info = read_patch_file(patch_path, record.path)
                 row["n_patches"] = len(info.coords)
                 if not self.overwrite and feature_file_is_complete(final, info.coords, self.encoder, info.slide_path):
                     row["status"] = "skipped"
+                    pt_file = self.output_dir / "pt_files" / f"{record.slide_id}.pt"
+                    if self.write_pt_files and not pt_file.is_file():
+                        write_pt_file(pt_file, load_features(final))
                     continue
                 if remove_stale_temporaries(final):
                     logger.info("%s: removed the temporary file of an interrupted run; extracting again", record.slide_id)
@@ -394,7 +300,10 @@ class FeatureExtractionWorkflow:
                 try:
                     if kind == "start":
                         current, started = info, time.perf_counter()
-                        writer = _SlideWriter(features_dir / f"{info.slide_id}.h5", info, self.encoder, payload, rank, world)
+                        pt_file = self.output_dir / "pt_files" / f"{info.slide_id}.pt" if self.write_pt_files else None
+                        precision = getattr(self, "precision", None) or ("bf16" if self.device.type == "cuda" else "fp32")
+                        writer = _SlideWriter(features_dir / f"{info.slide_id}.h5", info, self.encoder, payload, rank,
+                                              world, precision=str(precision), pt_file=pt_file)
                         if bar is not None:
                             bar.set_postfix_str(info.slide_id, refresh=False)
                     elif kind == "batch":

@@ -27,7 +27,6 @@ averaged), a list of files, or ``models/model.pt`` (the state_dict of ``network_
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -35,24 +34,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import h5py
 import numpy as np
 import torch
 from torch import nn
 
-from scripts.errors import BundleError
+from scripts.formats.checkpoints import CheckpointError, load_into_network, resolve_checkpoints  # noqa: F401
 from scripts.attention_outputs import write_slide_outputs
 from scripts.datalist import SlideRecord, load_datalist
+from scripts.formats.feature_file import patch_geometry, read_features  # noqa: F401 - read_features re-exported
 from scripts.formats.layout import OutputLayout
 from scripts.io_utils import write_csv
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("read", "tissue", "grid", "features", "mil", "outputs")
-
-
-class CheckpointError(BundleError, ValueError):
-    """No usable model checkpoint; the message names the path and what to do."""
 
 
 # ----------------------------------------------------------------------------------------------- dataset
@@ -84,100 +79,11 @@ class SlideDataset(torch.utils.data.Dataset):
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-def resolve_checkpoints(checkpoints: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Expand ``checkpoints`` (file, folder of ``fold*/model.pt``, or list) into checkpoint files."""
-    items = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
-    found: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_file():
-            found.append(path)
-        elif path.is_dir():
-            folds = sorted(path.glob("fold*/model.pt"), key=lambda p: _fold_number(p.parent.name))
-            if not folds and OutputLayout(path).cv_dir.is_dir():
-                folds = sorted(OutputLayout(path).cv_dir.glob("fold*/model.pt"), key=lambda p: _fold_number(p.parent.name))
-            if not folds and (path / "model.pt").is_file():
-                folds = [path / "model.pt"]
-            if not folds:
-                raise CheckpointError(f"no fold*/model.pt or model.pt under {path}; train first "
-                                      "(configs/train.json) or pass --checkpoints <file>")
-            found.extend(folds)
-        else:
-            raise CheckpointError(f"checkpoint {path} does not exist; train first (configs/train.json writes "
-                                  "<output_dir>/cv/fold<k>/model.pt), publish one to models/model.pt "
-                                  "(python -m scripts.publish_model), or pass --checkpoints <path>")
-    if not found:
-        raise CheckpointError("no checkpoints given; pass --checkpoints <file or folder>")
-    return found
-
-
-def _fold_number(name: str) -> int:
-    digits = "".join(c for c in name if c.isdigit())
-    return int(digits) if digits else 0
-
-
-def load_checkpoint_model(path: str | Path, network_def: nn.Module) -> tuple[nn.Module, dict]:
-    """Build the bag classifier of one checkpoint; returns (model in eval mode, checkpoint extras).
-
-    Accepts a training checkpoint ``{"model": state_dict, "network": {"name", "kwargs"}, ...}`` (the
-    architecture comes from the checkpoint and is wrapped like ``network_def``), or a plain state_dict
-    of ``network_def`` / of its MIL network (``models/model.pt``).
-    """
-    from scripts.networks.bag_classifier import BagClassifier
-
-    path = Path(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
-    extras: dict = {}
-    state = checkpoint
-    if isinstance(checkpoint, dict) and "model" in checkpoint and isinstance(checkpoint["model"], dict):
-        state = checkpoint["model"]
-        extras = {k: v for k, v in checkpoint.items() if k != "model"}
-    info = path.with_name(path.stem + "_info.json")  # written beside models/model.pt by scripts.publish_model
-    if not extras and info.is_file():
-        import json
-
-        extras = {k: v for k, v in json.loads(info.read_text()).items() if k != "network"}
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise CheckpointError(f"{path} holds no state_dict (expected a training checkpoint or a state_dict)")
-    spec = extras.get("network")
-    if isinstance(spec, dict) and spec.get("name"):
-        channel_first = getattr(network_def, "channel_first", True)
-        model = BagClassifier(spec["name"], channel_first=channel_first, **dict(spec.get("kwargs") or {}))
-    else:
-        model = copy.deepcopy(network_def)
-    try:
-        if hasattr(model, "load_mil_state_dict"):
-            model.load_mil_state_dict(state, strict=True)
-        else:
-            model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise CheckpointError(f"{path} does not fit the network ({type(model).__name__}); "
-                              f"was it trained with other network settings? {error}") from error
-    return model.eval(), extras
+# one home: scripts.formats.checkpoints (resolve_checkpoints, load_into_network; weights_only=True loads)
+load_checkpoint_model = load_into_network
 
 
 # ------------------------------------------------------------------------------------------------ model
-def read_features(path: str | Path, rows_per_read: int = 4096) -> tuple[torch.Tensor, np.ndarray]:
-    """Features (N, D) float32 tensor and coords (N, 2), read in row blocks into one preallocated array."""
-    with h5py.File(path, "r") as handle:
-        if "features" not in handle or "coords" not in handle:
-            raise ValueError(f"{path} needs datasets 'features' (N, D) and 'coords' (N, 2)")
-        dataset = handle["features"]
-        n, d = dataset.shape
-        features = torch.empty((n, d), dtype=torch.float32)
-        view = features.numpy()
-        for start in range(0, n, rows_per_read):
-            stop = min(n, start + rows_per_read)
-            view[start:stop] = dataset[start:stop]
-        coords = handle["coords"][()]
-    if coords.shape != (n, 2):
-        raise ValueError(f"{path}: coords shape {coords.shape} does not match {n} feature rows")
-    return features, coords
-
-
 @torch.inference_mode()
 def predict_bag(
     models: Sequence[nn.Module], features: torch.Tensor, device: torch.device | str = "cpu",
@@ -446,22 +352,14 @@ class SlideInference:
 
 
 def _patch_size_level0(feature_file: Path, patch_file: Path) -> float:
-    """Level-0 side of one patch, from the feature file's or the patch file's attributes."""
-    for path in (feature_file, patch_file):
-        if path.is_file():
-            with h5py.File(path, "r") as handle:
-                attrs = dict(handle.attrs)
-                for ds in ("coords", "features"):
-                    if ds in handle:
-                        attrs = {**dict(handle[ds].attrs), **attrs}
-            if "patch_size_level0" in attrs:
-                return float(attrs["patch_size_level0"])
-            if "patch_size" in attrs and "level_downsample" in attrs:
-                return float(attrs["patch_size"]) * float(attrs["level_downsample"])
-            if "patch_size" in attrs and "mpp" in attrs and "target_mpp" in attrs:
-                return float(attrs["patch_size"]) * float(attrs["target_mpp"]) / float(attrs["mpp"])
-    raise ValueError(f"cannot tell the patch size in level-0 pixels: neither {feature_file} nor {patch_file} has a "
-                     "'patch_size_level0' attribute (re-run preprocessing)")
+    """Level-0 side of one patch, from the feature file's attributes or the patch file beside it
+    (:func:`scripts.formats.feature_file.patch_geometry`)."""
+    slide_id = patch_file.name[: -len("_patches.h5")] if patch_file.name.endswith("_patches.h5") else patch_file.stem
+    geometry = patch_geometry(feature_file, slide_id, patch_file.parent.parent)
+    if geometry.patch_size_level0 is None:
+        raise ValueError(f"cannot tell the patch size in level-0 pixels: neither {feature_file} nor {patch_file} has a "
+                         "'patch_size_level0' attribute (re-run preprocessing)")
+    return geometry.patch_size_level0
 
 
 # -------------------------------------------------------------------------------------------------- CLI

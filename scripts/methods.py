@@ -21,7 +21,7 @@ clam_sb``. A value the chosen network does not accept is an error that names the
 (never silently dropped).
 
 The built network remembers its resolved arguments (``model.config``), so checkpoints written by
-:func:`scripts.training.save_checkpoint` rebuild it with :func:`scripts.networks.build_mil_network`.
+:func:`scripts.formats.checkpoints.save_checkpoint` rebuild it with :func:`scripts.networks.build_mil_network`.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def build_method(name: str = "smile", in_dim: int | None = None, network_kwargs:
         resolved["in_dim"] = int(in_dim)
     model = _network_class(name)(**resolved)
     if not hasattr(model, "config"):
-        # remembered for checkpoints: scripts.training.network_spec reads model.config
+        # remembered for checkpoints: scripts.formats.checkpoints.network_spec reads model.config
         model.config = {**method_arguments(name), **resolved}
     return model
 

@@ -4,10 +4,8 @@ A :class:`Bag` names one slide (or one classic-MIL bag): its label, its patient,
 are: a feature file (read only when the bag is used, so a cohort need not fit in memory) or an
 in-memory tensor (the small classic ``.npz`` benchmarks).
 
-Feature files understood by :func:`load_features`:
-  * ``.h5`` / ``.hdf5`` with a dataset ``features`` (N, D) — this bundle's ``<out>/features/<slide_id>.h5``,
-    CLAM's and TRIDENT's files; a leading singleton axis (1, N, D) is dropped;
-  * ``.pt`` / ``.pth``: a tensor (N, D) (CLAM ``pt_files``) or a dict with a ``features`` tensor.
+Feature files (this bundle's, CLAM's ``h5_files``/``pt_files``, TRIDENT's ``features_<encoder>``) are
+read by :mod:`scripts.formats.feature_file`.
 Classic MIL ``.npz`` (arrays ``X`` instances, ``bag`` bag index, ``bag_y`` bag labels): :func:`bags_from_npz`.
 
 Batches are packed (:func:`collate_bags`): all instances of the batch's bags in one (M, D) tensor plus
@@ -25,12 +23,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from scripts.errors import BundleError
 from scripts.datalist import load_datalist
+from scripts.formats.feature_file import (  # noqa: F401 - the one home of feature files; re-exported here
+    FEATURE_SUFFIXES, FeatureFileError, feature_shape, load_features,
+)
 
 logger = logging.getLogger(__name__)
-
-FEATURE_SUFFIXES = (".h5", ".hdf5", ".pt", ".pth")
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,64 +55,6 @@ class BagList(list):
     """A list of bags that also remembers the datalist's ``skipped`` slides (id: reason)."""
 
     skipped: list[str]
-
-
-class FeatureFileError(BundleError, ValueError):
-    """A feature file that cannot be used (message names the file and what is wrong)."""
-
-
-def load_features(path: str | Path) -> torch.Tensor:
-    """Read one bag's features as a float32 (N, D) tensor from ``.h5`` (dataset ``features``) or ``.pt``."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in (".h5", ".hdf5"):
-        import h5py
-
-        try:
-            with h5py.File(path, "r") as handle:
-                if "features" not in handle:
-                    raise FeatureFileError(f"{path}: no dataset 'features' (found: {', '.join(handle.keys()) or 'nothing'})")
-                array = handle["features"][()]
-        except OSError as error:
-            raise FeatureFileError(f"{path}: not a readable HDF5 file ({error}); re-run feature extraction") from error
-        tensor = torch.from_numpy(np.asarray(array, dtype=np.float32))
-    elif suffix in (".pt", ".pth"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, dict):
-            if "features" not in obj:
-                raise FeatureFileError(f"{path}: a dict without a 'features' tensor (keys: {', '.join(map(str, obj))})")
-            obj = obj["features"]
-        if not isinstance(obj, torch.Tensor):
-            raise FeatureFileError(f"{path}: expected a tensor (N, D), got {type(obj).__name__}")
-        tensor = obj.detach().to(torch.float32)
-    else:
-        raise FeatureFileError(f"{path}: unknown feature file type {suffix!r}; use .h5 (dataset 'features') or .pt")
-    if tensor.dim() == 3 and tensor.shape[0] == 1:
-        tensor = tensor[0]
-    if tensor.dim() != 2 or tensor.shape[0] == 0:
-        raise FeatureFileError(f"{path}: features must be a non-empty (N, D) array, got shape {tuple(tensor.shape)}")
-    return tensor
-
-
-def feature_shape(path: str | Path) -> tuple[int, int]:
-    """(N, D) of a feature file, reading only the header where the format allows (h5)."""
-    path = Path(path)
-    if path.suffix.lower() in (".h5", ".hdf5"):
-        import h5py
-
-        try:
-            with h5py.File(path, "r") as handle:
-                if "features" not in handle:
-                    raise FeatureFileError(f"{path}: no dataset 'features'")
-                shape = tuple(handle["features"].shape)
-        except OSError as error:
-            raise FeatureFileError(f"{path}: not a readable HDF5 file ({error})") from error
-        if len(shape) == 3 and shape[0] == 1:
-            shape = shape[1:]
-        if len(shape) != 2 or shape[0] == 0:
-            raise FeatureFileError(f"{path}: features must be a non-empty (N, D) array, got shape {shape}")
-        return int(shape[0]), int(shape[1])
-    return tuple(load_features(path).shape)  # type: ignore[return-value]
 
 
 def feature_dim(bags: Sequence[Bag]) -> int:

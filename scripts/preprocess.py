@@ -34,7 +34,7 @@ from scripts.formats.layout import OutputLayout
 from scripts.io_utils import write_csv
 from scripts.wsi import mpp as mpp_lib
 from scripts.wsi.grid import patch_grid
-from scripts.wsi.patch_file import read_patch_file, slide_fingerprint, write_patch_file
+from scripts.formats.patch_file import read_patch_file, slide_fingerprint, write_patch_file
 from scripts.wsi.preview import save_preview
 from scripts.wsi.reader import DEFAULT_BACKENDS, SlideReadError, open_slide, probe_cucim
 from scripts.wsi.tissue import TissueParams, tissue_mask, warm_up_itk
@@ -164,7 +164,7 @@ def _preprocess_open_slide(record, settings, output_dir, h5_path, png_path, star
         attrs = dict(grid.attrs(), mpp_source=handle.mpp_source, backend=handle.backend, slide_path=str(record.path),
                      slide_fingerprint=slide_fingerprint(record.path),
                      slide_id=record.slide_id, tissue_area_mm2=round(info["tissue_area_mm2"], 4),
-                     min_tissue_fraction=settings.min_tissue_fraction)
+                     min_tissue_fraction=settings.min_tissue_fraction, level0_width=int(width), level0_height=int(height))
         n = len(grid.coords)
         if n == 0:
             status = "no_tissue"
@@ -174,7 +174,7 @@ def _preprocess_open_slide(record, settings, output_dir, h5_path, png_path, star
                 h5_path.unlink()  # a stale bag from an earlier run must not be used
         else:
             status = "ok"
-            write_patch_file(h5_path, grid.coords, attrs)
+            write_patch_file(h5_path, grid.coords, attrs, level_dim=handle.level_dimensions[grid.level])
         if settings.preview:
             save_preview(png_path, thumb, mask, mask_ds, grid.coords, grid.patch_size_level0, settings.preview_size,
                          title=f"{record.slide_id}: {n} patches")

@@ -19,12 +19,9 @@ single model that a Model Zoo user downloads.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
-import torch
-
-from scripts.io_utils import atomic_path, write_json
+from scripts.formats.checkpoints import CheckpointError, load_into_network, publish_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -44,50 +41,24 @@ def publish_model(
     out: str | Path = "models/model.pt",
     config_file: str | Path = "configs/inference.json",
     bundle_root: str | Path = ".",
+    trust: bool | None = None,
 ) -> Path:
     """Load a training checkpoint into ``network_def`` (strictly) and save that network's state_dict."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist; run training first "
-                                "(configs/train.json writes <output_dir>/cv/model.pt)")
-    data = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    state = data["model"] if isinstance(data, dict) and isinstance(data.get("model"), dict) else data
-    spec = data.get("network") if isinstance(data, dict) else None
+        raise CheckpointError(f"checkpoint {checkpoint} does not exist; run training first "
+                              "(configs/train.json writes <output_dir>/cv/model.pt)")
     net = build_network_def(config_file, bundle_root)
-    mine = getattr(getattr(net, "mil", None), "config", None)
-    if isinstance(spec, dict) and isinstance(mine, dict):
-        kwargs = dict(spec.get("kwargs") or {})
-        trained_class = str(spec.get("class", "")).rsplit(".", 1)[-1]
-        if trained_class and trained_class != type(net.mil).__name__:
-            raise ValueError(f"{checkpoint} holds a {trained_class}, but network_def in {config_file} builds a "
-                             f"{type(net.mil).__name__}; edit mil_network there")
-        differ = {k: (kwargs[k], mine[k]) for k in kwargs if k in mine and not _same(kwargs[k], mine[k])}
-        if differ:
-            detail = ", ".join(f"{k}: trained {a!r} vs config {b!r}" for k, (a, b) in differ.items())
-            raise ValueError(f"network settings of {checkpoint} differ from mil_network in {config_file} ({detail}); "
-                             "set them in the config so the published model behaves as trained")
-    try:
-        net.load_mil_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise ValueError(f"{checkpoint} does not fit network_def of {config_file}: {error}") from error
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        torch.save(net.state_dict(), tmp)
-    info = {k: v for k, v in (data.items() if isinstance(data, dict) else []) if k != "model"}
-    write_json(out.with_name(out.stem + "_info.json"), {"source": str(checkpoint), **info})
+    model, info = load_into_network(checkpoint, net, trust)
+    out = publish_state_dict(model, out, {"source": str(checkpoint), **info})
     logger.info("published %s -> %s", checkpoint, out)
     return out
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
-    return a == b
-
-
-def main(checkpoint: str, out: str = "models/model.pt", config_file: str = "configs/inference.json") -> None:
+def main(checkpoint: str, out: str = "models/model.pt", config_file: str = "configs/inference.json",
+         trust_checkpoint: bool = False) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    path = publish_model(checkpoint, out, config_file)
+    path = publish_model(checkpoint, out, config_file, trust=bool(trust_checkpoint) or None)
     print(f"wrote {path} (state_dict of network_def in {config_file})")
 
 

@@ -16,7 +16,7 @@ Python API (the bundle's ``configs/train.json`` calls the same functions)::
   ``functools.partial`` of :func:`scripts.networks.build_mil_network`, a config item with
   ``"_mode_": "callable"``) or an ``nn.Module`` instance (deep-copied for every fold);
 * :class:`TrainSettings` holds everything else (epochs, batch size, optimiser factory, loss, early
-  stopping, seed, device); its defaults are the SMILE recipe: Ranger (RAdam + Lookahead) lr 2e-4,
+  stopping, seed, device); its defaults are the SMILE recipe: Ranger 20.4.11 (:class:`scripts.optim.Ranger`) lr 2e-4,
   weight decay 1e-5, 100 epochs, batches of 12 bags, early stopping and checkpoint selection on the
   validation AUC (ties broken by the lower validation loss);
 * a network's extra training losses (``training_loss_terms``) are added to the bag BCE.
@@ -43,9 +43,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from scripts.formats.checkpoints import build_from_checkpoint, copy_checkpoint, network_spec, save_checkpoint
 from scripts.formats.layout import OutputLayout
-from scripts.io_utils import atomic_path, write_csv, write_json
-from scripts.metrics import classification_report, nan_to_none, plot_roc, youden_threshold
+from scripts.io_utils import write_csv, write_json
+from scripts.metrics import classification_report, format_ci, nan_to_none, plot_roc, youden_threshold
 from scripts.distributed import broadcast_buffers, is_main_process, unwrap, wrap_ddp
 from scripts.mil_data import Bag, BagDataset, collate_bags, feature_dim
 
@@ -55,27 +56,36 @@ THRESHOLD_KEYS = ("accuracy", "balanced_accuracy", "f1", "sensitivity", "specifi
 
 
 def create_optimizer(
-    params, name: str = "lookahead_radam", lr: float = 2e-4, weight_decay: float = 1e-5,
+    params, name: str = "ranger", lr: float = 2e-4, weight_decay: float = 1e-5,
     betas=(0.95, 0.999), eps: float = 1e-5, **kwargs,
 ):  # fmt: skip
-    """An optimiser from timm's factory (``timm.optim.create_optimizer_v2``) for a model or parameters.
+    """An optimiser by name for a model or parameters: ``ranger`` or any timm name.
 
-    The default is Ranger as RAdam + Lookahead (timm ``lookahead_radam``; Lookahead alpha 0.5, k 6) with
-    the official SMILE betas (0.95, 0.999) and eps 1e-5. (The official Ranger 20.4.11 also centralises
-    gradients; timm's does not.) Weight decay is not applied to biases and normalisation parameters
-    (timm's default). Any timm name works (``adam``, ``adamw``, ``lookahead_adam``, ...).
+    ``ranger`` (the default, the official SMILE optimiser) is :class:`scripts.optim.Ranger`: Ranger
+    20.4.11 = RAdam (betas 0.95/0.999, eps 1e-5, rectified when the SMA length exceeds 5) + Lookahead
+    (k 6, alpha 0.5) + gradient centralisation on tensors with more than one dimension + decoupled
+    weight decay on every parameter. Every other name goes to timm's factory
+    (``timm.optim.create_optimizer_v2``: ``lookahead_radam``, ``adam``, ``adamw``, ...); note that timm's
+    ``lookahead_radam`` is *not* Ranger 20.4.11 (no gradient centralisation, coupled L2 decay, no
+    decay on biases and normalisation parameters).
 
     Note: RAdam's rectification is an implicit warm-up of roughly 1/(1 - beta2) steps; on a small
     cohort (a few optimiser steps per epoch) it learns slowly in the first hundreds of steps.
     """
+    if str(name).lower() == "ranger":
+        from scripts.optim import Ranger
+
+        if isinstance(params, nn.Module):
+            params = params.parameters()
+        return Ranger(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, **kwargs)
     from timm.optim import create_optimizer_v2
 
     return create_optimizer_v2(params, opt=name, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, **kwargs)
 
 
 def ranger(params, lr: float = 2e-4, weight_decay: float = 1e-5, betas=(0.95, 0.999), eps: float = 1e-5):
-    """Ranger (RAdam + Lookahead) with the SMILE settings; see :func:`create_optimizer`."""
-    return create_optimizer(params, "lookahead_radam", lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+    """Ranger 20.4.11 with the SMILE settings (:class:`scripts.optim.Ranger`); see :func:`create_optimizer`."""
+    return create_optimizer(params, "ranger", lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
 
 
 @dataclass
@@ -152,44 +162,9 @@ def build_network(network_factory: Callable[..., nn.Module] | nn.Module, in_dim:
     return network_factory(in_dim=in_dim)
 
 
-def network_spec(model: nn.Module, network_factory: Any = None, in_dim: int | None = None) -> dict:
-    """``{"name", "kwargs"}`` rebuilding ``model`` with :func:`scripts.networks.build_mil_network`."""
-    from scripts.networks import MIL_NETWORKS
-
-    name = next((n for n, cls in MIL_NETWORKS.items() if type(model) is cls), None)
-    if hasattr(model, "config"):
-        kwargs = dict(model.config)
-    else:
-        kwargs = {}
-        if isinstance(network_factory, functools.partial):
-            kwargs = {k: v for k, v in network_factory.keywords.items()}
-            if name is None and network_factory.args:
-                name = network_factory.args[0]
-            kwargs.pop("name", None)
-        if in_dim is not None:
-            kwargs.setdefault("in_dim", in_dim)
-    return {"name": name, "class": f"{type(model).__module__}.{type(model).__qualname__}", "kwargs": kwargs}
-
-
-def save_checkpoint(path: str | Path, model: nn.Module, spec: dict, **extra) -> None:
-    """Write ``{"model": state_dict, "network": spec, **extra}`` atomically (MONAI's CheckpointLoader
-    with ``load_dict={"model": net}`` reads it too)."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save({"model": state, "network": spec, **extra}, tmp)
-
-
-def load_checkpoint(path: str | Path, device: Any = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a network saved by :func:`save_checkpoint`; returns (model in eval mode, checkpoint)."""
-    from scripts.networks import build_mil_network
-
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(checkpoint, dict) or "network" not in checkpoint or not checkpoint["network"].get("name"):
-        raise ValueError(f"{path}: not a checkpoint written by scripts.training.save_checkpoint (no network name)")
-    spec = checkpoint["network"]
-    model = build_mil_network(spec["name"], **spec["kwargs"])
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval(), checkpoint
+def load_checkpoint(path: str | Path, device: Any = "cpu", trust: bool | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the network of a fold checkpoint (see :mod:`scripts.formats.checkpoints`)."""
+    return build_from_checkpoint(path, device, trust)
 
 
 # ----------------------------------------------------------------------------------------------- engines
@@ -504,9 +479,17 @@ def run_cross_validation(
         val_probs = predict(model, val, settings.eval_batch_size or settings.batch_size) if val else np.zeros(0)
         val_labels = [b.label for b in val]
         threshold = youden_threshold(val_labels, val_probs) if val else 0.5
+        one_class_val = len(set(val_labels)) < 2
+        if one_class_val and is_main_process():
+            logger.warning(
+                "fold %d: the validation set (%d slides) has %s; fallback: checkpoint selection and early stopping "
+                "on the validation loss, operating threshold 0.5 (no Youden threshold)",
+                k, len(val), f"only label {val_labels[0]}" if val else "no slides",
+            )  # fmt: skip
         test_probs = predict(model, test, settings.eval_batch_size or settings.batch_size)
         test_labels = [b.label for b in test]
-        report = classification_report(test_labels, test_probs, threshold, n_boot=n_bootstrap, seed=k)
+        report = classification_report(test_labels, test_probs, threshold, n_boot=n_bootstrap, seed=k,
+                                       groups=[b.patient_id for b in test])
         fold_rows.append(
             {
                 "fold": k,
@@ -518,6 +501,7 @@ def run_cross_validation(
                 "val_loss": history["best_val_loss"],
                 "n_train": len(train),
                 "n_val": len(val),
+                "val_one_class": one_class_val,
                 "seconds": history["seconds"],
             }
         )
@@ -533,8 +517,9 @@ def run_cross_validation(
         if cv_dir is not None:
             fold_dir = cv_dir / f"fold{k}"
             save_checkpoint(
-                fold_dir / "model.pt", model, history["network"], fold=k, threshold=threshold,
-                best_epoch=history["best_epoch"], val_auc=history["best_val_auc"], feature_dim=feature_dim(train),
+                fold_dir / "model.pt", model, metadata=fold_metadata(train, val, test), network=history["network"],
+                fold=k, threshold=threshold, best_epoch=history["best_epoch"], val_auc=history["best_val_auc"],
+                feature_dim=feature_dim(train),
             )  # fmt: skip
             write_csv(fold_dir / "history.csv", history["epochs"])
             val_rows = [{"slide_id": b.bag_id, "label": b.label, "prob": float(p), "part": "val"} for b, p in zip(val, val_probs)]
@@ -545,7 +530,8 @@ def run_cross_validation(
 
     labels = [r["label"] for r in predictions]
     probs = [r["prob"] for r in predictions]
-    pooled = classification_report(labels, probs, [r["threshold"] for r in predictions], n_boot=n_bootstrap, seed=12345)
+    pooled = classification_report(labels, probs, [r["threshold"] for r in predictions], n_boot=n_bootstrap, seed=12345,
+                                   groups=[r["patient_id"] for r in predictions])
     best_fold = max(fold_rows, key=lambda r: (_finite(r["val_auc"]), -_finite(r["val_loss"], math.inf)))["fold"]
     summary = {
         "network": histories[0]["network"] if histories else None,
@@ -558,6 +544,7 @@ def run_cross_validation(
         "std": _aggregate(fold_rows, lambda v: np.nanstd(v, ddof=1) if np.isfinite(v).sum() > 1 else math.nan),
         "pooled": pooled,
         "best_fold": best_fold,
+        "n_folds_one_class_validation": sum(bool(r["val_one_class"]) for r in fold_rows),
         "seconds": time.perf_counter() - total_start,
     }
     summary = nan_to_none(summary)
@@ -568,14 +555,32 @@ def run_cross_validation(
                                         [p["prob"] for p in predictions if p["fold"] == r["fold"]]) for r in fold_rows}  # fmt: skip
         curves["pooled out-of-fold"] = (labels, probs)
         plot_roc(curves, cv_dir / "roc.png", title="Cross-validation ROC (test folds)")
-        best = torch.load(cv_dir / f"fold{best_fold}" / "model.pt", map_location="cpu", weights_only=False)
-        with atomic_path(cv_dir / "model.pt") as tmp:
-            torch.save(best, tmp)
+        copy_checkpoint(cv_dir / f"fold{best_fold}" / "model.pt", cv_dir / "model.pt")
         logger.info(
-            "cross-validation: mean AUC %.3f +- %.3f, pooled AUC %.3f; results in %s",
-            _finite(summary["mean"]["auc"]), _finite(summary["std"]["auc"]), _finite(pooled["auc"]), cv_dir,
+            "cross-validation: mean AUC %.3f +- %.3f, pooled AUC %s (95%% CI: %s); results in %s",
+            _finite(summary["mean"]["auc"]), _finite(summary["std"]["auc"]), format_ci(pooled["auc"], pooled["auc_ci"]),
+            pooled["ci_method"], cv_dir,
         )  # fmt: skip
     return CVResult(summary, predictions, models, histories)
+
+
+def fold_metadata(train: Sequence[Bag], val: Sequence[Bag], test: Sequence[Bag]) -> dict:
+    """Free-form ``metadata`` of a fold checkpoint: which slides trained, selected and tested it
+    (with :func:`data_provenance`: the train/val slide and patient ids)."""
+    return {
+        "n_train": len(train), "n_val": len(val), "n_test": len(test), **data_provenance(train, val),
+    }  # fmt: skip
+
+
+def data_provenance(train: Sequence[Bag], val: Sequence[Bag]) -> dict:
+    """The slide and patient ids a fold model was trained and validated on (``scripts.heldout`` checks
+    cohorts against them; ``scripts.evaluate`` refuses cohorts that share patients)."""
+    return {
+        "train_slide_ids": [b.bag_id for b in train],
+        "val_slide_ids": [b.bag_id for b in val],
+        "train_patient_ids": sorted({str(b.patient_id) for b in train}),
+        "val_patient_ids": sorted({str(b.patient_id) for b in val}),
+    }
 
 
 def _finite(value, default: float = -1.0) -> float:

@@ -76,3 +76,14 @@ def test_unsafe_slide_id_rejected(tmp_path):
 def test_missing_file_is_clear(tmp_path):
     with pytest.raises(DatalistError, match="does not exist; pass --datalist"):
         load_datalist(tmp_path / "nope.csv")
+
+
+def test_optional_annotations_column(tmp_path):
+    (tmp_path / "a.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    path = _write(tmp_path, "slide_id,path,label,patient_id,center,annotations\nA,a.tiff,1,p1,c1,a.geojson\nB,b.tiff,0,p2,c1,\n")
+    records = load_datalist(path)
+    assert records[0].annotations == tmp_path / "a.geojson" and records[1].annotations is None
+    assert records[0].as_row()["annotations"] == str(tmp_path / "a.geojson")
+    path = _write(tmp_path, "slide_id,path,label,patient_id,center,annotations\nA,a.tiff,1,p1,c1,gone.geojson\n")
+    with pytest.raises(DatalistError, match="annotation file .*gone.geojson.* does not exist"):
+        load_datalist(path)

@@ -34,6 +34,7 @@ def test_no_stage_spells_an_output_path():
         if rel in NOT_STAGES:
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
-            if SPELLED.search(line):
+            # ``<feature file>.parent.parent / "patches"``: a foreign tool's sibling folder (CLAM, TRIDENT)
+            if any(not line[: m.start()].rstrip().endswith("parent") for m in SPELLED.finditer(line)):
                 offenders.append(f"{rel}:{number}: {line.strip()}")
     assert not offenders, "use scripts.formats.layout.OutputLayout instead:\n" + "\n".join(offenders)

@@ -15,8 +15,6 @@ the reference model built with timm 0.5.4 (package ``timm-ctp``).
 
 from __future__ import annotations
 
-import logging
-import pickle
 import re
 from pathlib import Path
 from typing import Mapping
@@ -198,22 +196,20 @@ def load_ctranspath_state_dict(model: nn.Module, checkpoint, source: str = "chec
 
 
 def load_checkpoint_file(path: str | Path, help_text: str = CTRANSPATH_WEIGHTS_HELP):
-    """``torch.load`` a local weights file on the CPU; a missing file is a WeightsError saying where to get it."""
+    """Load a local weights file on the CPU with ``weights_only=True`` (see
+    :func:`scripts.formats.checkpoints.load_file`): a missing file is a WeightsError saying where to get
+    it; a file holding pickled objects is refused unless ``--trust_checkpoint true``."""
+    from scripts.formats.checkpoints import CheckpointError, UntrustedCheckpointError, load_weights_file
+
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"encoder weights file {path} not found. {help_text}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # a training checkpoint may also hold plain Python objects (args, optimiser state); the user named
-        # this local file, so it is trusted, but say so
-        logging.getLogger(__name__).warning("%s holds non-tensor objects; loading it with weights_only=False", path)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file name
-        raise WeightsError(f"cannot read encoder weights {path}: {type(exc).__name__}: {exc}") from exc
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001
-        raise WeightsError(f"cannot read encoder weights {path}: {type(exc).__name__}: {exc}") from exc
+        return load_weights_file(path, help_text)
+    except UntrustedCheckpointError:
+        raise
+    except CheckpointError as exc:
+        raise WeightsError(str(exc)) from exc
 
 
 def ctranspath(weights: str | Path | None = None) -> nn.Module:

@@ -1,0 +1,5 @@
+"""Optimisers written for this bundle (timm provides the rest by name; see ``scripts.training.create_optimizer``)."""
+
+from scripts.optim.ranger import Ranger
+
+__all__ = ["Ranger"]
