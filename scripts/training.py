@@ -520,7 +520,8 @@ def run_cross_validation(
                 fold_dir / "model.pt", model, metadata=fold_metadata(train, val, test), network=history["network"],
                 fold=k, threshold=threshold, best_epoch=history["best_epoch"], val_auc=history["best_val_auc"],
                 feature_dim=feature_dim(train),
-            )  # fmt: skip
+                features=dict(getattr(bags, "feature_record", None) or {}, feature_dim=feature_dim(train)),
+            )  # fmt: skip  (features: encoder / feature_dim / target_mpp / patch_size, checked at inference)
             write_csv(fold_dir / "history.csv", history["epochs"])
             val_rows = [{"slide_id": b.bag_id, "label": b.label, "prob": float(p), "part": "val"} for b, p in zip(val, val_probs)]
             test_rows = [{"slide_id": r["slide_id"], "label": r["label"], "prob": r["prob"], "part": "test"} for r in rows]
