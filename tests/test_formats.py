@@ -353,3 +353,35 @@ def test_false_on_the_command_line_turns_checks_off(tmp_path):
 
     make = functools.partial(SlideInference, [], BagClassifier("smile", **NET), None, [], tmp_path)
     assert make(feature_checks="false").feature_checks is False and make().feature_checks is True
+
+
+def test_extraction_from_clam_and_trident_patch_files(cmu, tmp_path):
+    """CLAM's patches/<id>.h5 and TRIDENT's <id>_patches.h5 copied into <out>/patches are extracted as they
+    are; the feature files then carry the level-0 footprint, so a 10x grid is refused for a 20x model."""
+    from scripts.extract import FeatureExtractionWorkflow
+    from scripts.networks.encoders import build_encoder
+
+    out = tmp_path / "out"
+    clam_patches(out, "clam20", grid(256)[:6])  # CLAM writes <dir>/patches/<id>.h5
+    trident_files(tmp_path / "job", "tri20", grid(256)[:6], np.zeros((6, DIM)))
+    trident_files(tmp_path / "job", "tri10", grid(512)[:6], np.zeros((6, DIM)), mag=10)
+    for mag, sid in ((20, "tri20"), (10, "tri10")):
+        src = tmp_path / "job" / f"{mag}x_256px_0px_overlap" / "patches" / f"{sid}_patches.h5"
+        (out / "patches" / src.name).write_bytes(src.read_bytes())
+    datalist = tmp_path / "d.csv"
+    datalist.write_text("slide_id,path\n" + "".join(f"{s},{cmu}\n" for s in ("clam20", "tri20", "tri10")))
+    encoder = build_encoder("timm:test_resnet", weights="", allow_random_weights=True)
+    rows = FeatureExtractionWorkflow(datalist, out, encoder, batch_size=8, num_workers=1, progress=False,
+                                     reader_backend="openslide").run()
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok"], rows
+    expected = FeatureExpectation(encoder.name, encoder.feature_dim, 0.5, 256)
+    for sid, size0 in (("clam20", 256), ("tri20", 257), ("tri10", 513)):
+        path = out / "features" / f"{sid}.h5"
+        info = feature_info(path)
+        geometry = patch_geometry(path, sid, out, slide_mpp=CMU_MPP)
+        assert geometry.patch_size_level0 == size0 and geometry.source.startswith("feature file"), geometry
+        if sid == "tri10":
+            with pytest.raises(FeatureMismatchError, match=r"1 µm/px \(10x\).*0.5 µm/px \(20x"):
+                check_features(info, expected, geometry)
+        else:
+            assert check_features(info, expected, geometry) == []
