@@ -260,7 +260,7 @@ class SlideInference:
         self.model_extras: list[dict] = []
         dirs = [feature_dirs] if isinstance(feature_dirs, (str, Path)) else list(feature_dirs or [])
         self.feature_dirs = [Path(d) for d in dirs if d not in (None, "")]
-        self.feature_checks = bool(feature_checks)
+        self.feature_checks = _flag(feature_checks)
         settings = getattr(patch_stage, "settings", None)
         self.patch_size = patch_size if patch_size is not None else getattr(settings, "patch_size", None)
         self.target_mpp = target_mpp if target_mpp is not None else getattr(settings, "target_mpp", None)
@@ -426,6 +426,13 @@ class SlideInference:
                         result.probability, verdict, result.threshold, result.n_patches, times)
         else:
             logger.error("[%d/%d] %s: FAILED (%s)%s", i, n, result.slide_id, result.error, f" | {times}" if times else "")
+
+
+def _flag(value) -> bool:
+    """A true/false option; on the command line ``false`` arrives as the string "false"."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no", "")
+    return bool(value)
 
 
 # -------------------------------------------------------------------------------------------------- CLI
