@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from scripts.formats.layout import OutputLayout
 from scripts.io_utils import atomic_path, write_csv, write_json
 from scripts.metrics import nan_to_none
 
@@ -60,7 +61,7 @@ def run_ablation(
     base = dict(method_kwargs or {})
     base.pop("threshold", None)
     base.pop("factor", None)
-    out_dir = Path(output_dir) / "ablation"
+    out_dir = OutputLayout(output_dir).ablation_dir
     rows, long_rows = [], []
     grid = list(itertools.product(thresholds, factors))
     bar = tqdm(grid, desc=f"{method} threshold x factor", unit="cell", dynamic_ncols=True)

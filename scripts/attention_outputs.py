@@ -349,18 +349,20 @@ def write_slide_outputs(
     extra: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Path]:
     """Write attention/<id>.h5, heatmaps/<id>.png, heatmaps/<id>_topk.png (if read_patch), geojson/<id>.geojson."""
-    output_dir = Path(output_dir)
+    from scripts.formats.layout import OutputLayout
+
+    layout = OutputLayout(output_dir)
     title = slide_id if probability is None else f"{slide_id}   P(STAS) = {probability:.3f}"
     written = {
-        "attention": write_attention_h5(output_dir / "attention" / f"{slide_id}.h5", coords, scores, patch_size_level0,
+        "attention": write_attention_h5(layout.attention_file(slide_id), coords, scores, patch_size_level0,
                                         attrs=dict(attrs or {}, slide_id=slide_id), extra=extra),
-        "heatmap": write_heatmap_png(output_dir / "heatmaps" / f"{slide_id}.png", thumbnail, downsample, coords,
+        "heatmap": write_heatmap_png(layout.heatmap(slide_id), thumbnail, downsample, coords,
                                      patch_size_level0, scores, title=title),
-        "geojson": write_geojson(output_dir / "geojson" / f"{slide_id}.geojson", coords, scores, patch_size_level0,
+        "geojson": write_geojson(layout.geojson(slide_id), coords, scores, patch_size_level0,
                                  slide_size=slide_size, slide_id=slide_id),
     }
     if read_patch is not None and top_k > 0:
-        written["topk"] = write_topk_png(output_dir / "heatmaps" / f"{slide_id}_topk.png", read_patch, coords, scores,
+        written["topk"] = write_topk_png(layout.topk(slide_id), read_patch, coords, scores,
                                          k=top_k, title=f"{title}   top {min(top_k, len(scores))} attended patches")
     return written
 

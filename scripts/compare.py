@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from scripts.formats.layout import OutputLayout
 from scripts.io_utils import atomic_path, write_csv, write_json
 from scripts.metrics import nan_to_none, plot_roc
 from scripts.metrics.paired import delong_test, paired_bootstrap_auc
@@ -169,7 +170,7 @@ def compare_methods(
         logger.warning("reference method %r is not among the compared methods; using %r", reference, methods[0])
         reference = methods[0]
     methods = [reference] + [m for m in methods if m != reference]  # the reference heads the table
-    out_dir = Path(output_dir) / "compare"
+    out_dir = OutputLayout(output_dir).compare_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     dim = int(bags[0].load().shape[1])
     results: dict[str, Any] = {}
@@ -215,7 +216,7 @@ def compare_methods(
             "network_kwargs": kwargs,
         }
         if not keep_fold_models:
-            write_csv(out_dir / name / "cv" / "oof_predictions.csv", result.predictions)
+            write_csv(OutputLayout(out_dir / name).oof_predictions, result.predictions)
         rows.append(row)
         bar.write(f"{name}: pooled AUC {_fmt(row['pooled_auc'])}, fold AUC {_fmt(row['auc_mean'])} ± {_fmt(row['auc_std'])}")
     bar.close()
@@ -263,8 +264,8 @@ def _add_floor(bags, splits, n_bootstrap, results: dict, rows: list, out_dir: Pa
         rows.append({"method": FLOOR_NAME, "status": f"failed: {type(error).__name__}: {error}"})
         return
     results[FLOOR_NAME] = SimpleNamespace(predictions=floor["predictions"], summary=floor["summary"])
-    write_csv(out_dir / FLOOR_NAME / "cv" / "oof_predictions.csv", floor["predictions"])
-    write_json(out_dir / FLOOR_NAME / "cv" / "summary.json", floor["summary"])
+    write_csv(OutputLayout(out_dir / FLOOR_NAME).oof_predictions, floor["predictions"])
+    write_json(OutputLayout(out_dir / FLOOR_NAME).cv_summary, floor["summary"])
     summary, pooled = floor["summary"], floor["summary"]["pooled"]
     at_val = pooled.get("at_val_threshold") or {}
     dim = int(bags[0].load().shape[1])

@@ -22,6 +22,7 @@ import numpy as np
 
 from scripts.errors import BundleError
 from scripts.heldout import OverlapError, check_overlap  # noqa: F401 (OverlapError: part of this API)
+from scripts.formats.layout import OutputLayout
 from scripts.io_utils import write_csv, write_json
 from scripts.metrics import classification_report, format_ci, nan_to_none, plot_roc
 from scripts.mil_data import Bag, feature_dim
@@ -104,7 +105,7 @@ def evaluate_cohort(
     Refuses (:class:`OverlapError`) a cohort sharing patients with any fold model's training or
     validation data unless ``allow_overlap``.
     """
-    out_dir = Path(output_dir) / "evaluation"
+    out_dir = OutputLayout(output_dir).evaluation_dir
     paths = find_fold_models(models_dir)
     dim = feature_dim(bags)
     loaded = [(path, *load_checkpoint(path, device)) for path in paths]

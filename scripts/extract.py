@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from scripts.datalist import load_datalist
+from scripts.formats.layout import OutputLayout
 from scripts.io_utils import atomic_path, write_csv
 from scripts.networks.encoders import Encoder
 from scripts.formats.feature_file import FeatureWriter, load_features, write_pt_file
@@ -186,7 +187,7 @@ class FeatureExtractionWorkflow:
         self.compile = bool(compile)
         self.distributed = distributed
         self.progress = bool(progress)
-        self.write_pt_files = bool(write_pt_files)
+        self.write_pt_files = _flag(write_pt_files)
         from scripts.networks.encoders import resolve_precision
 
         self.precision = resolve_precision(precision, self.device.type)  # bf16 / fp32, fails early on a typo
@@ -208,7 +209,7 @@ class FeatureExtractionWorkflow:
             if rank == 0:
                 order = {r.slide_id: i for i, r in enumerate(records)}
                 all_rows.sort(key=lambda row: order.get(row["slide_id"], len(order)))
-                write_csv(self.output_dir / "extract_summary.csv", all_rows, SUMMARY_COLUMNS)
+                write_csv(OutputLayout(self.output_dir).extract_summary, all_rows, SUMMARY_COLUMNS)
                 self._log_totals(all_rows)
             if world > 1:
                 torch.distributed.barrier()
@@ -250,7 +251,7 @@ class FeatureExtractionWorkflow:
 
     # ---------------------------------------------------------------------------------- the work
     def _extract(self, records, rank: int, world: int) -> list[dict]:
-        features_dir = self.output_dir / "features"
+        features_dir = OutputLayout(self.output_dir).features_dir
         features_dir.mkdir(parents=True, exist_ok=True)
         rows: dict[str, dict] = {}
         jobs: list[PatchInfo] = []
@@ -264,7 +265,7 @@ class FeatureExtractionWorkflow:
                     row["status"] = "precomputed" if record.features else "failed"
                     row["error"] = "" if record.features else "no slide path in the datalist"
                     continue
-                patches = self.output_dir / "patches"
+                patches = OutputLayout(self.output_dir).patches_dir
                 patch_path = find_patch_file(record.slide_id, [patches]) or patches / f"{record.slide_id}.h5"
                 info = read_patch_file(patch_path, record.path)
                 row["n_patches"] = len(info.coords)
@@ -403,3 +404,10 @@ class FeatureExtractionWorkflow:
         for row in rows:
             counts[row["status"]] = counts.get(row["status"], 0) + 1
         logger.info("feature extraction: %s", ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+
+
+def _flag(value) -> bool:
+    """A true/false option; on the command line ``false`` arrives as the string "false"."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no", "")
+    return bool(value)

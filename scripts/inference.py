@@ -46,6 +46,7 @@ from scripts.formats.feature_file import (  # noqa: F401 - read_features re-expo
     OVERRIDE, FeatureExpectation, FeatureFileError, check_features, feature_candidates, feature_info,
     find_feature_file, patch_geometry, read_features,
 )
+from scripts.formats.layout import OutputLayout
 from scripts.io_utils import write_csv
 
 logger = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ class FeatureStage:
         row = self._workflow._extract([record], 0, 1)[0]
         if row["status"] not in ("ok", "skipped"):
             raise RuntimeError(f"feature extraction: {row['status']}: {row['error']}")
-        return self.output_dir / "features" / f"{record.slide_id}.h5", time.perf_counter() - start
+        return OutputLayout(self.output_dir).feature_file(record.slide_id), time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------------------------- workflow
@@ -260,7 +261,7 @@ class SlideInference:
         self.model_extras: list[dict] = []
         dirs = [feature_dirs] if isinstance(feature_dirs, (str, Path)) else list(feature_dirs or [])
         self.feature_dirs = [Path(d) for d in dirs if d not in (None, "")]
-        self.feature_checks = bool(feature_checks)
+        self.feature_checks = _flag(feature_checks)
         settings = getattr(patch_stage, "settings", None)
         self.patch_size = patch_size if patch_size is not None else getattr(settings, "patch_size", None)
         self.target_mpp = target_mpp if target_mpp is not None else getattr(settings, "target_mpp", None)
@@ -302,12 +303,13 @@ class SlideInference:
             results.append(result)
             self._print_slide(i, len(records), result)
         rows = [r.row() for r in results]
-        write_csv(self.output_dir / "predictions.csv", rows)
-        write_csv(self.output_dir / "inference_timings.csv",
+        layout = OutputLayout(self.output_dir)
+        write_csv(layout.predictions, rows)
+        write_csv(layout.inference_timings,
                   [{"slide_id": r.slide_id, **{s: round(r.timings.get(s, 0.0), 3) for s in STAGES},
                     "total": round(sum(r.timings.values()), 3)} for r in results])
         failed = [r for r in results if r.status != "ok"]
-        logger.info("predictions for %d slide(s) in %s%s", len(results) - len(failed), self.output_dir / "predictions.csv",
+        logger.info("predictions for %d slide(s) in %s%s", len(results) - len(failed), layout.predictions,
                     f"; {len(failed)} failed: " + ", ".join(r.slide_id for r in failed) if failed else "")
         return rows
 
@@ -318,7 +320,7 @@ class SlideInference:
             start = time.perf_counter()
             geometry = self._check_features(record, feature_file)
             features, coords = read_features(feature_file, slide_id=record.slide_id,
-                                             patch_folders=[self.output_dir / "patches"])
+                                             patch_folders=[OutputLayout(self.output_dir).patches_dir])
             result.n_patches = int(features.shape[0])
             probability, attention, _ = predict_bag(self.models, features, self.device, self.inferer)
             del features
@@ -402,9 +404,9 @@ class SlideInference:
         if record.path is None:  # features only: no slide to draw on; attention and GeoJSON still written
             from scripts.attention_outputs import write_attention_h5, write_geojson
 
-            write_attention_h5(self.output_dir / "attention" / f"{record.slide_id}.h5", coords, attention,
+            write_attention_h5(OutputLayout(self.output_dir).attention_file(record.slide_id), coords, attention,
                                patch_size_level0, attrs=dict(attrs, slide_id=record.slide_id))
-            write_geojson(self.output_dir / "geojson" / f"{record.slide_id}.geojson", coords, attention,
+            write_geojson(OutputLayout(self.output_dir).geojson(record.slide_id), coords, attention,
                           patch_size_level0, slide_id=record.slide_id)
             return
         with open_slide_for_outputs(record.path, record.slide_id, record.mpp) as slide:
@@ -428,6 +430,13 @@ class SlideInference:
                         result.probability, verdict, result.threshold, result.n_patches, times)
         else:
             logger.error("[%d/%d] %s: FAILED (%s)%s", i, n, result.slide_id, result.error, f" | {times}" if times else "")
+
+
+def _flag(value) -> bool:
+    """A true/false option; on the command line ``false`` arrives as the string "false"."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no", "")
+    return bool(value)
 
 
 # -------------------------------------------------------------------------------------------------- CLI

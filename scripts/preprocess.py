@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from scripts.datalist import SlideRecord, load_datalist
+from scripts.formats.layout import OutputLayout
 from scripts.io_utils import write_csv
 from scripts.wsi import mpp as mpp_lib
 from scripts.wsi.grid import patch_grid
@@ -83,11 +84,11 @@ def _row(record: SlideRecord, **values) -> dict:
 
 
 def patch_file_path(output_dir, slide_id) -> Path:
-    return Path(output_dir) / "patches" / f"{slide_id}.h5"
+    return OutputLayout(output_dir).patch_file(slide_id)
 
 
 def preview_path(output_dir, slide_id) -> Path:
-    return Path(output_dir) / "previews" / f"{slide_id}.png"
+    return OutputLayout(output_dir).preview(slide_id)
 
 
 def preprocess_slide(record: SlideRecord, settings: PreprocessSettings, output_dir: str | Path) -> dict:
@@ -232,7 +233,7 @@ class PreprocessWorkflow:
         else:
             self._run_pool(records, settings, rows)
         ordered = [rows[r.slide_id] for r in records]
-        summary = self.output_dir / "preprocess_summary.csv"
+        summary = OutputLayout(self.output_dir).preprocess_summary
         write_csv(summary, ordered, SUMMARY_COLUMNS)
         counts = {s: sum(r["status"] == s for r in ordered) for s in ("ok", "no_tissue", "failed")}
         for row in ordered:

@@ -33,6 +33,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from scripts.errors import BundleError
+from scripts.formats.layout import OutputLayout
 from scripts.io_utils import write_json
 from scripts.mil_data import Bag
 
@@ -171,7 +172,7 @@ def load_or_make_splits(
     ``<output_dir>/splits.json`` is reused when it fits the cohort (same slides) and was made with the
     requested settings, else new splits are made (with a warning naming the difference).
     """
-    target = Path(output_dir) / "splits.json"
+    target = OutputLayout(output_dir).splits
     source = Path(splits_file) if splits_file not in (None, "") else None
     if source is None and target.is_file():
         source = target

@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from scripts.formats.checkpoints import build_from_checkpoint, copy_checkpoint, network_spec, save_checkpoint
+from scripts.formats.layout import OutputLayout
 from scripts.io_utils import write_csv, write_json
 from scripts.metrics import classification_report, format_ci, nan_to_none, plot_roc, youden_threshold
 from scripts.distributed import broadcast_buffers, is_main_process, unwrap, wrap_ddp
@@ -466,7 +467,7 @@ def run_cross_validation(
     """
     settings = settings or TrainSettings()
     by_id = {b.bag_id: b for b in bags}
-    cv_dir = Path(output_dir) / "cv" if output_dir is not None and is_main_process() else None  # rank 0 writes
+    cv_dir = OutputLayout(output_dir).cv_dir if output_dir is not None and is_main_process() else None  # rank 0 writes
     fold_rows, predictions, models, histories = [], [], [], []
     total_start = time.perf_counter()
     for fold in splits["folds"]:

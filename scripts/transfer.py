@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from scripts.errors import BundleError
+from scripts.formats.layout import OutputLayout
 from scripts.io_utils import atomic_path, write_csv, write_json
 from scripts.metrics import classification_report, nan_to_none, youden_threshold
 from scripts.mil_data import Bag
@@ -96,7 +97,7 @@ def run_transfer(
     if shared:
         logger.warning("transfer: %d patient(s) have slides in more than one centre (e.g. %s); a model trained on one of "
                        "their centres scores them in-sample in the others", len(shared), ", ".join(shared[:5]))  # fmt: skip
-    out_dir = Path(output_dir) / "transfer"
+    out_dir = OutputLayout(output_dir).transfer_dir
     matrix_rows, long_rows, prediction_rows = [], [], []
     jobs = [(m, c) for m in methods for c in centers]
     bar = tqdm(jobs, desc="train centre", unit="model", dynamic_ncols=True)

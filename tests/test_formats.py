@@ -110,24 +110,32 @@ def cmu(shared_slides):
     return shared_slides / CMU
 
 
-def _tiny_encoder():
-    from scripts.networks.encoders import build_encoder
-
-    return build_encoder("timm:test_resnet", weights="", allow_random_weights=True)
-
-
 # ------------------------------------------------------------------------------- bundle files -> peers
-def test_bundle_patch_and_feature_files_read_by_clam_and_trident(cmu, tmp_path):
+def bundle(bundle_root, config, *args):
+    """``python -m monai.bundle run`` as docs/formats.md shows it; fails the test on a non-zero exit."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"configs/{config}.json",
+           "--meta_file", "configs/metadata.json", *map(str, args)]
+    env = dict(os.environ, PYTHONPATH=str(bundle_root), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=bundle_root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_bundle_patch_and_feature_files_read_by_clam_and_trident(cmu, tmp_path, bundle_root):
     import openslide
 
-    from scripts.datalist import SlideRecord
-    from scripts.extract import FeatureExtractionWorkflow
-    from scripts.preprocess import PreprocessSettings, preprocess_slide
-
     out = tmp_path / "out"
-    record = SlideRecord("cmu", cmu, None, "cmu", "")
-    row = preprocess_slide(record, PreprocessSettings(preview=False, backends=("openslide",)), out)
-    assert row["status"] == "ok", row
+    datalist = tmp_path / "new.csv"
+    datalist.write_text(f"slide_id,path\ncmu,{cmu}\n")  # an inference-style datalist is enough
+    # docs/formats.md, "bundle -> CLAM / TRIDENT"
+    bundle(bundle_root, "preprocess", "--datalist", datalist, "--output_dir", out, "--backends", "['openslide']")
+    bundle(bundle_root, "extract", "--datalist", datalist, "--output_dir", out, "--write_pt_files", "true",
+           "--encoder_name", "timm:test_resnet", "--encoder_weights", "", "--allow_random_weights", "true",
+           "--reader_backend", "openslide", "--num_workers", "1")
     patch_file = out / "patches" / "cmu.h5"
     ours = read_patch_file(patch_file)
 
@@ -145,11 +153,6 @@ def test_bundle_patch_and_feature_files_read_by_clam_and_trident(cmu, tmp_path):
         assert f["coords"].attrs["target_magnification"] == pytest.approx(20.0) and f["coords"].attrs["overlap"] == 0
     np.testing.assert_array_equal(coords, ours.coords)
 
-    datalist = tmp_path / "d.csv"
-    datalist.write_text(f"slide_id,path\ncmu,{cmu}\n")  # an inference-style datalist is enough
-    rows = FeatureExtractionWorkflow(datalist, out, _tiny_encoder(), batch_size=16, num_workers=1, progress=False,
-                                     reader_backend="openslide", write_pt_files=True).run()
-    assert rows[0]["status"] == "ok", rows
     h5_path, pt_path = out / "features" / "cmu.h5", out / "pt_files" / "cmu.pt"
     with h5py.File(h5_path, "r") as f:  # CLAM use_h5: features + coords; TRIDENT slide encoders: coords attrs
         features, coords = f["features"][:], f["coords"][:]
@@ -324,3 +327,61 @@ def test_import_checks(tmp_path):
     assert find_feature_file("b", other, tmp_path / "out", [tmp_path]) == other
     assert find_feature_file("b", None, tmp_path / "out", [other.parent.parent]) == other
     assert find_feature_file("b", None, tmp_path / "out", [tmp_path]) is None
+
+
+def test_inference_cli_finds_a_trident_job(cmu, tmp_path, trident_models, bundle_root):
+    """docs/formats.md, "CLAM / TRIDENT -> bundle": a datalist of ids and slides, features found in a
+    TRIDENT job folder by --feature_dirs."""
+    c20 = grid(256)
+    t20_dir, _ = trident_files(tmp_path / "job", "cmu", c20, np.random.default_rng(1).normal(size=(len(c20), DIM)))
+    datalist = tmp_path / "new.csv"
+    datalist.write_text(f"slide_id,path\ncmu,{cmu}\n")
+    out = tmp_path / "out"
+    bundle(bundle_root, "inference", "--datalist", datalist, "--output_dir", out, "--checkpoints", trident_models,
+           "--feature_dirs", f"['{t20_dir}']", "--mil_network#in_dim", DIM, "--mil_network#embed_dim", 16,
+           "--mil_network#attention_dim", 8)
+    row = next(csv.DictReader(open(out / "predictions.csv")))
+    assert row["status"] == "ok" and 0 < float(row["probability"]) < 1, row
+    for name in ("attention/cmu.h5", "heatmaps/cmu.png", "heatmaps/cmu_topk.png", "geojson/cmu.geojson"):
+        assert (out / name).is_file(), name
+    assert not (out / "patches").exists()  # the slide was not tiled again
+
+
+def test_false_on_the_command_line_turns_checks_off(tmp_path):
+    from scripts.inference import SlideInference
+    from scripts.networks.bag_classifier import BagClassifier
+
+    make = functools.partial(SlideInference, [], BagClassifier("smile", **NET), None, [], tmp_path)
+    assert make(feature_checks="false").feature_checks is False and make().feature_checks is True
+
+
+def test_extraction_from_clam_and_trident_patch_files(cmu, tmp_path):
+    """CLAM's patches/<id>.h5 and TRIDENT's <id>_patches.h5 copied into <out>/patches are extracted as they
+    are; the feature files then carry the level-0 footprint, so a 10x grid is refused for a 20x model."""
+    from scripts.extract import FeatureExtractionWorkflow
+    from scripts.networks.encoders import build_encoder
+
+    out = tmp_path / "out"
+    clam_patches(out, "clam20", grid(256)[:6])  # CLAM writes <dir>/patches/<id>.h5
+    trident_files(tmp_path / "job", "tri20", grid(256)[:6], np.zeros((6, DIM)))
+    trident_files(tmp_path / "job", "tri10", grid(512)[:6], np.zeros((6, DIM)), mag=10)
+    for mag, sid in ((20, "tri20"), (10, "tri10")):
+        src = tmp_path / "job" / f"{mag}x_256px_0px_overlap" / "patches" / f"{sid}_patches.h5"
+        (out / "patches" / src.name).write_bytes(src.read_bytes())
+    datalist = tmp_path / "d.csv"
+    datalist.write_text("slide_id,path\n" + "".join(f"{s},{cmu}\n" for s in ("clam20", "tri20", "tri10")))
+    encoder = build_encoder("timm:test_resnet", weights="", allow_random_weights=True)
+    rows = FeatureExtractionWorkflow(datalist, out, encoder, batch_size=8, num_workers=1, progress=False,
+                                     reader_backend="openslide").run()
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok"], rows
+    expected = FeatureExpectation(encoder.name, encoder.feature_dim, 0.5, 256)
+    for sid, size0 in (("clam20", 256), ("tri20", 257), ("tri10", 513)):
+        path = out / "features" / f"{sid}.h5"
+        info = feature_info(path)
+        geometry = patch_geometry(path, sid, out, slide_mpp=CMU_MPP)
+        assert geometry.patch_size_level0 == size0 and geometry.source.startswith("feature file"), geometry
+        if sid == "tri10":
+            with pytest.raises(FeatureMismatchError, match=r"1 µm/px \(10x\).*0.5 µm/px \(20x"):
+                check_features(info, expected, geometry)
+        else:
+            assert check_features(info, expected, geometry) == []

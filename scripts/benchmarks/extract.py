@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import scripts  # noqa: F401  (quiet native libraries)
+from scripts.formats.layout import OutputLayout
 from scripts.extract import FeatureExtractionWorkflow
 from scripts.networks.encoders import build_encoder
 from scripts.wsi.reader import DEFAULT_BACKENDS, PatchReader, iter_patch_batches
@@ -107,8 +108,9 @@ def bench_precision(encoder, device, slide, n_patches: int = 64, batch_size: int
 def bench_end_to_end(slide, coords, encoder, device, batch_size, num_workers) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        (out / "patches").mkdir()
-        with h5py.File(out / "patches" / "bench.h5", "w") as h5:
+        layout = OutputLayout(out)
+        layout.ensure(layout.patches_dir)
+        with h5py.File(layout.patch_file("bench"), "w") as h5:
             h5["coords"] = coords
             h5.attrs.update(patch_size=256, level=0, level_downsample=1.0, patch_size_level0=256,
                             slide_path=str(slide))

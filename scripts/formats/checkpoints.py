@@ -37,6 +37,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from scripts.formats.layout import OutputLayout
 from scripts.errors import BundleError
 from scripts.io_utils import atomic_path, write_json
 
@@ -290,8 +291,8 @@ def resolve_checkpoints(checkpoints: str | Path | Sequence[str | Path]) -> list[
             found.append(path)
         elif path.is_dir():
             folds = sorted(path.glob("fold*/model.pt"), key=lambda p: fold_number(p.parent.name))
-            if not folds and (path / "cv").is_dir():
-                folds = sorted((path / "cv").glob("fold*/model.pt"), key=lambda p: fold_number(p.parent.name))
+            if not folds and OutputLayout(path).cv_dir.is_dir():
+                folds = sorted(OutputLayout(path).cv_dir.glob("fold*/model.pt"), key=lambda p: fold_number(p.parent.name))
             if not folds and (path / "model.pt").is_file():
                 folds = [path / "model.pt"]
             if not folds:

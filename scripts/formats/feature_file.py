@@ -41,6 +41,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from scripts.formats.layout import OutputLayout
 from scripts.errors import BundleError
 from scripts.formats.patch_file import (
     PatchFile, PatchFileError, describe_patches, find_patch_file, h5_attrs, peer_attrs, plain, read_patch_file,
@@ -147,7 +148,7 @@ def nearby_patch_folders(feature_path: Path, output_dir: str | Path | None = Non
     results folder, TRIDENT's magnification folder), ``<dir>/../../patches``, ``<output_dir>/patches``."""
     folders = [feature_path.parent.parent / "patches", feature_path.parent.parent.parent / "patches"]
     if output_dir not in (None, ""):
-        folders.append(Path(output_dir) / "patches")
+        folders.append(OutputLayout(output_dir).patches_dir)
     seen, out = set(), []
     for folder in folders:
         key = str(folder.resolve()) if folder.exists() else str(folder)
@@ -291,7 +292,7 @@ def feature_candidates(slide_id: str, output_dir: str | Path | None = None,
     """Where a slide's feature file is looked for, in order (see the module docstring)."""
     out: list[Path] = []
     if output_dir not in (None, ""):
-        out += [Path(output_dir) / "features" / f"{slide_id}{s}" for s in (".h5", ".pt")]
+        out += [OutputLayout(output_dir).features_dir / f"{slide_id}{s}" for s in (".h5", ".pt")]
     for folder in feature_dirs or ():
         folder = Path(folder)
         out += [folder / f"{slide_id}{suffix}" for suffix in FEATURE_SUFFIXES]

@@ -31,6 +31,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from scripts.formats.layout import OutputLayout
 from scripts.io_utils import write_csv, write_json
 
 logger = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ def patch_geometry(feature_file: str | Path) -> tuple[np.ndarray, float]:
         if "coords" not in handle:
             raise ValueError(f"{feature_file} has no 'coords' dataset: localisation needs patch coordinates")
         coords = handle["coords"][()]
-    return np.asarray(coords).reshape(-1, 2), _patch_size_level0(feature_file, feature_file.parent.parent / "patches" / feature_file.name)
+    return np.asarray(coords).reshape(-1, 2), _patch_size_level0(feature_file, OutputLayout(feature_file.parent.parent).patches_dir / feature_file.name)
 
 
 __all__ = [
