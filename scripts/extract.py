@@ -44,7 +44,8 @@ from scripts.formats.feature_file import feature_file_is_complete as _feature_fi
 from scripts.formats.patch_file import PatchFile, PatchFileError, find_patch_file
 from scripts.formats.patch_file import read_patch_file as read_coordinate_file
 from scripts.formats.patch_file import slide_fingerprint
-from scripts.wsi.reader import DEFAULT_BACKENDS, PatchReader, warm_up
+from scripts.wsi.open import DEFAULT_BACKENDS
+from scripts.wsi.patches import PatchReader, warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class FeatureExtractionWorkflow:
         num_workers: reader threads (cuCIM's thread pool / decoding threads).
         prefetch_batches: read-ahead depth of the reader thread.
         reader_backend: "auto" (cuCIM behind its crash-safe probe, then OpenSlide, tifffile, DICOM: see
-            ``scripts.wsi.reader``) or one of "cucim", "openslide", "tifffile", "dicom".
+            ``scripts.wsi.open``) or one of "cucim", "openslide", "tifffile", "dicom".
         num_threads: torch CPU threads (0: torch's default, divided among ranks sharing a CPU machine).
         overwrite: extract again even when a complete feature file exists.
         compile: ``torch.compile`` the encoder (worth it on a GPU for large cohorts).

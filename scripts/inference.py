@@ -112,7 +112,7 @@ def predict_bag(
 # ------------------------------------------------------------------------------------------ slide access
 def open_slide_for_outputs(path: str | Path, slide_id: str, mpp: float | None = None):
     """An open slide with ``dimensions``, ``thumbnail(max_size)`` and ``read_region((x, y), (w, h), level)``."""
-    from scripts.wsi.reader import open_slide
+    from scripts.wsi.open import open_slide
 
     return open_slide(path, slide_id=slide_id, mpp=mpp, require_mpp=False)
 

@@ -36,7 +36,8 @@ from scripts.wsi import mpp as mpp_lib
 from scripts.wsi.grid import patch_grid
 from scripts.formats.patch_file import read_patch_file, slide_fingerprint, write_patch_file
 from scripts.wsi.preview import save_preview
-from scripts.wsi.reader import DEFAULT_BACKENDS, SlideReadError, open_slide, probe_cucim
+from scripts.wsi.open import DEFAULT_BACKENDS, SlideReadError, open_slide
+from scripts.wsi.probe import probe_cucim
 from scripts.wsi.tissue import TissueParams, tissue_mask, warm_up_itk
 
 logger = logging.getLogger("scripts.preprocess")

@@ -20,7 +20,8 @@ import torch
 
 from scripts.extract import FeatureExtractionWorkflow, read_patch_file
 from scripts.networks.encoders import build_encoder
-from scripts.wsi.reader import iter_patch_batches, open_slide, resize_rgb
+from scripts.wsi.open import open_slide
+from scripts.wsi.patches import iter_patch_batches, resize_rgb
 
 # level-0 top-left (x, y) of the patches written for every test slide; read at level 1 (0.5 um/px)
 COORDS = np.array([[0, 0], [512, 0], [1024, 512]], dtype=np.int64)

@@ -18,7 +18,9 @@ from scripts.datalist import SlideRecord
 from scripts.wsi import mpp as mpp_lib
 from scripts.wsi.grid import choose_level
 from scripts.wsi.patch_file import read_patch_file
-from scripts.wsi.reader import SlideReadError, iter_patch_batches, open_slide, probe_cucim
+from scripts.wsi.open import SlideReadError, open_slide
+from scripts.wsi.patches import iter_patch_batches
+from scripts.wsi.probe import probe_cucim
 from scripts.wsi.tissue import TissueParams, tissue_mask
 
 HEADER = "slide_id,path,label,patient_id,center,mpp\n"

@@ -4,7 +4,7 @@
         [--encoder ctranspath] [--weights models/ctranspath.pth] [--device auto] [--compile auto]
         [--num_workers 2] [--threads 0]
 
-* reading: ``scripts.wsi.reader.iter_patch_batches`` over a grid of 256-px patches of the slide (decode + copy, no encoder);
+* reading: ``scripts.wsi.patches.iter_patch_batches`` over a grid of 256-px patches of the slide (decode + copy, no encoder);
 * encoder: uint8 patches already in memory -> preprocessing (resize 256->224, normalise) -> encoder;
   on CUDA in bf16 autocast, for each batch size, without and with ``torch.compile``;
 * end to end: the extraction workflow on those patches (reader thread + encoder + HDF5 writing);
@@ -32,7 +32,8 @@ import scripts  # noqa: F401  (quiet native libraries)
 from scripts.formats.layout import OutputLayout
 from scripts.extract import FeatureExtractionWorkflow
 from scripts.networks.encoders import build_encoder
-from scripts.wsi.reader import DEFAULT_BACKENDS, PatchReader, iter_patch_batches
+from scripts.wsi.open import DEFAULT_BACKENDS
+from scripts.wsi.patches import PatchReader, iter_patch_batches
 
 _SHARED = Path(os.environ.get("SMILE_SHARED_DIR", Path(__file__).resolve().parents[2].parent / "shared"))
 DEFAULT_SLIDE = _SHARED / "data" / "slides" / "cmu-1-small-region.svs"

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scripts.errors import BundleError
+from scripts.wsi.filekind import file_kind  # noqa: F401 - also part of this module's API
 
 MPP_RANGE = (0.05, 20.0)  # the same plausibility range the datalist uses
 
@@ -49,20 +50,6 @@ class MppCandidate:
 
 def is_plausible(value: float | None) -> bool:
     return value is not None and math.isfinite(value) and MPP_RANGE[0] <= value <= MPP_RANGE[1]
-
-
-def file_kind(path: str | Path) -> str:
-    """'tiff', 'dicom' or 'other', from the first bytes of the file (no reader is involved)."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(132)
-    except OSError:
-        return "other"
-    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return "tiff"
-    if head[128:132] == b"DICM":
-        return "dicom"
-    return "other"
 
 
 def candidates_from_tiff(path: str | Path) -> list[MppCandidate]:
