@@ -2,7 +2,7 @@
 
 Outputs under ``<output_dir>/evaluation/``: ``predictions.csv`` (slide, label, ensemble probability and
 each fold model's probability), ``summary.json`` (AUC with a 95% patient-level stratified bootstrap interval, threshold metrics
-at 0.5 and at the mean of the folds' validation thresholds, and the same per fold model) and ``roc.png``.
+at 0.5 and at the ensemble threshold (``ENSEMBLE_THRESHOLD_RULE``: chosen on the folds' validation data only), and the same per fold model) and ``roc.png``.
 Slides without a label are predicted but left out of the metrics.
 
 The cohort must be held out: every fold checkpoint records the patients it was trained and validated
@@ -48,6 +48,44 @@ def evaluation_bags(datalist, features_dir=None, **kwargs):
     return bags_from_datalist(datalist, features_dir, **kwargs)
 
 
+ENSEMBLE_THRESHOLD_RULE = (
+    "mean of the fold models' operating thresholds, each the Youden threshold on that fold's validation slides "
+    "only (never on the evaluated cohort), applied to the mean probability of the fold models; folds whose "
+    "validation set was empty or one-class (threshold fell back to 0.5) are left out; 0.5 if none is left"
+)
+
+
+def ensemble_threshold(checkpoints: Sequence[tuple[str, dict]]) -> tuple[float, dict]:
+    """The fold ensemble's operating threshold (:data:`ENSEMBLE_THRESHOLD_RULE`) and its record.
+
+    Chosen on the folds' validation data only; warns naming the folds that fell back, and when the whole
+    ensemble falls back to 0.5.
+    """
+    from scripts.training import THRESHOLD_FALLBACK
+
+    used, fallback = {}, []
+    for name, checkpoint in checkpoints:
+        value = checkpoint.get("threshold")
+        source = str(checkpoint.get("threshold_source", ""))
+        if value is None or not np.isfinite(float(value)) or source == THRESHOLD_FALLBACK:
+            fallback.append(name)
+        else:
+            used[name] = float(value)
+    if used:
+        threshold = float(np.mean(list(used.values())))
+        if fallback:
+            logger.warning("ensemble threshold: fold model(s) %s had no usable validation threshold (empty or one-class "
+                           "validation set); the threshold %.3f is the mean of the other %d", ", ".join(fallback), threshold,
+                           len(used))  # fmt: skip
+    else:
+        threshold = 0.5
+        logger.warning("ensemble threshold: no fold model has a validation threshold (%s); fallback 0.5",
+                       ", ".join(fallback) or "no models")  # fmt: skip
+    record = {"rule": ENSEMBLE_THRESHOLD_RULE, "threshold": threshold, "fold_thresholds": used, "fallback_folds": fallback,
+              "fell_back_to_0.5": not used}  # fmt: skip
+    return threshold, record
+
+
 def find_fold_models(models_dir: str | Path) -> list[Path]:
     """``fold<k>/model.pt`` files under ``models_dir`` (a training run's ``cv/`` folder), in fold order."""
     return find_fold_checkpoints(models_dir)
@@ -72,6 +110,7 @@ def evaluate_cohort(
     dim = feature_dim(bags)
     loaded = [(path, *load_checkpoint(path, device)) for path in paths]
     overlap = check_overlap(bags, [(p.parent.name, c) for p, _, c in loaded], models_dir, allow_overlap=allow_overlap)
+    threshold, threshold_record = ensemble_threshold([(p.parent.name, c) for p, _, c in loaded])
     fold_probs, thresholds, names = [], [], []
     for path, model, checkpoint in loaded:
         expected = checkpoint.get("feature_dim")
@@ -81,7 +120,6 @@ def evaluate_cohort(
         thresholds.append(float(checkpoint.get("threshold", 0.5)))
         names.append(path.parent.name)
     probs = np.mean(fold_probs, axis=0)
-    threshold = float(np.mean(thresholds))
     rows = []
     for i, bag in enumerate(bags):
         row = {"slide_id": bag.bag_id, "patient_id": bag.patient_id, "center": bag.center,
@@ -97,6 +135,7 @@ def evaluate_cohort(
         "n_labelled": len(labelled),
         "skipped_slides": list(getattr(bags, "skipped", [])),
         "threshold": threshold,
+        "threshold_rule": threshold_record,
         "overlap": overlap,
     }
     curves = {}

@@ -82,8 +82,19 @@ def read_patch_file(path: str | Path, slide_path: str | Path | None = None) -> P
 def feature_file_is_complete(path: Path, coords: np.ndarray, encoder: Encoder, slide_path=None) -> bool:
     """True when ``path`` holds features of every patch in ``coords`` from this very encoder and weights
     (and, when ``slide_path`` is given, from the slide file as it is now)."""
-    return _feature_file_is_complete(path, coords, encoder.name, encoder.weights_sha256, encoder.feature_dim,
-                                     None if slide_path is None else slide_fingerprint(slide_path))
+    if not _feature_file_is_complete(path, coords, encoder.name, encoder.weights_sha256, encoder.feature_dim,
+                                     None if slide_path is None else slide_fingerprint(slide_path)):
+        return False
+    wanted = getattr(encoder, "precision", "auto")
+    if wanted in ("bf16", "fp32"):  # features of the other precision are extracted again
+        import h5py
+
+        with h5py.File(path, "r") as h5:
+            stored = h5.attrs.get("precision")
+        stored = stored.decode() if isinstance(stored, bytes) else stored
+        if stored not in (None, "", "None") and str(stored) != wanted:
+            return False
+    return True
 
 
 def remove_stale_temporaries(final: Path) -> int:
@@ -130,7 +141,9 @@ class FeatureExtractionWorkflow:
         datalist: CSV (slide_id, path, ...); labels are not needed.
         output_dir: the shared output folder (reads patches/, writes features/ and extract_summary.csv).
         encoder: an ``Encoder`` from ``scripts.networks.encoders.build_encoder``.
-        device: torch device (CUDA: bf16 autocast; CPU: fp32).
+        device: torch device.
+        precision: encoder arithmetic: "bf16" (autocast, on CUDA or CPU), "fp32", or "auto" (bf16 on CUDA,
+            fp32 on CPU); stamped into every feature file (attribute ``precision``).
         batch_size: patches per encoder batch (and per read batch).
         num_workers: reader threads (cuCIM's thread pool / decoding threads).
         prefetch_batches: read-ahead depth of the reader thread.
@@ -160,6 +173,7 @@ class FeatureExtractionWorkflow:
         distributed: str | bool = "auto",
         progress: bool = True,
         write_pt_files: bool = False,
+        precision: str = "auto",
     ):
         self.datalist = Path(datalist)
         self.output_dir = Path(output_dir)
@@ -176,6 +190,10 @@ class FeatureExtractionWorkflow:
         self.distributed = distributed
         self.progress = bool(progress)
         self.write_pt_files = _flag(write_pt_files)
+        from scripts.networks.encoders import resolve_precision
+
+        self.precision = resolve_precision(precision, self.device.type)  # bf16 / fp32, fails early on a typo
+        self.encoder.precision = self.precision
 
     # ------------------------------------------------------------------------------------- entry
     def run(self) -> list[dict]:
@@ -296,7 +314,7 @@ class FeatureExtractionWorkflow:
                     if kind == "start":
                         current, started = info, time.perf_counter()
                         pt_file = self.output_dir / "pt_files" / f"{info.slide_id}.pt" if self.write_pt_files else None
-                        precision = getattr(self, "precision", None) or ("bf16" if self.device.type == "cuda" else "fp32")
+                        precision = self.precision
                         writer = _SlideWriter(features_dir / f"{info.slide_id}.h5", info, self.encoder, payload, rank,
                                               world, precision=str(precision), pt_file=pt_file)
                         if bar is not None:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from scripts.heldout import check_overlap
 from scripts.formats.checkpoints import CheckpointError, load_into_network, resolve_checkpoints  # noqa: F401
 from scripts.attention_outputs import write_slide_outputs
 from scripts.datalist import SlideRecord, load_datalist
@@ -293,6 +294,9 @@ class SlideInference:
     def run(self) -> list[dict]:
         records = list(self.dataset.records if hasattr(self.dataset, "records") else self.dataset)
         self.load_models()
+        # slides of patients a fold model trained or validated on: predicted, with a warning (scripts.heldout)
+        check_overlap(records, [(f"model {i}", e) for i, e in enumerate(self.model_extras)], self.checkpoints,
+                      refuse=False, what="inference")  # fmt: skip
         results: list[SlideResult] = []
         for i, record in enumerate(records, 1):
             result = self.run_slide(record)

@@ -52,6 +52,8 @@ from scripts.mil_data import Bag, BagDataset, collate_bags, feature_dim
 
 logger = logging.getLogger(__name__)
 
+THRESHOLD_SOURCE = "youden on the fold's validation slides"
+THRESHOLD_FALLBACK = "fallback 0.5 (validation set empty or one class)"
 THRESHOLD_KEYS = ("accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity")
 
 
@@ -479,12 +481,11 @@ def run_cross_validation(
         val_probs = predict(model, val, settings.eval_batch_size or settings.batch_size) if val else np.zeros(0)
         val_labels = [b.label for b in val]
         threshold = youden_threshold(val_labels, val_probs) if val else 0.5
-        one_class_val = len(set(val_labels)) < 2
+        one_class_val = bool(val) and len(set(val_labels)) < 2  # (no validation set at all is a deliberate choice)
         if one_class_val and is_main_process():
             logger.warning(
-                "fold %d: the validation set (%d slides) has %s; fallback: checkpoint selection and early stopping "
-                "on the validation loss, operating threshold 0.5 (no Youden threshold)",
-                k, len(val), f"only label {val_labels[0]}" if val else "no slides",
+                "fold %d: the validation set (%d slides) has only label %s; fallback: checkpoint selection and early "
+                "stopping on the validation loss, operating threshold 0.5 (no Youden threshold)", k, len(val), val_labels[0],
             )  # fmt: skip
         test_probs = predict(model, test, settings.eval_batch_size or settings.batch_size)
         test_labels = [b.label for b in test]
@@ -518,7 +519,8 @@ def run_cross_validation(
             fold_dir = cv_dir / f"fold{k}"
             save_checkpoint(
                 fold_dir / "model.pt", model, metadata=fold_metadata(train, val, test), network=history["network"],
-                fold=k, threshold=threshold, best_epoch=history["best_epoch"], val_auc=history["best_val_auc"],
+                fold=k, threshold=threshold, threshold_source=THRESHOLD_FALLBACK if one_class_val or not val else THRESHOLD_SOURCE,
+                best_epoch=history["best_epoch"], val_auc=history["best_val_auc"],
                 feature_dim=feature_dim(train),
                 features=dict(getattr(bags, "feature_record", None) or {}, feature_dim=feature_dim(train)),
             )  # fmt: skip  (features: encoder / feature_dim / target_mpp / patch_size, checked at inference)

@@ -93,6 +93,10 @@ def run_transfer(
     if missing:
         logger.warning("%d slide(s) have no centre and are left out of the transfer analysis: %s", len(missing), ", ".join(missing[:10]))
     by_center = {c: [b for b in bags if b.center == c] for c in centers}
+    shared = shared_patients(by_center)
+    if shared:
+        logger.warning("transfer: %d patient(s) have slides in more than one centre (e.g. %s); a model trained on one of "
+                       "their centres scores them in-sample in the others", len(shared), ", ".join(shared[:5]))  # fmt: skip
     out_dir = OutputLayout(output_dir).transfer_dir
     matrix_rows, long_rows, prediction_rows = [], [], []
     jobs = [(m, c) for m in methods for c in centers]
@@ -155,6 +159,15 @@ def run_transfer(
     plot_transfer(matrix_rows, centers, methods, out_dir / "transfer.png", diagonal)
     logger.info("transfer matrix written to %s", out_dir / "transfer.csv")
     return matrix_rows
+
+
+def shared_patients(by_center: dict) -> list[str]:
+    """Patients with slides in more than one centre (cross-centre scores of them are not held out)."""
+    seen: dict[str, set] = {}
+    for center, bags in by_center.items():
+        for b in bags:
+            seen.setdefault(str(b.patient_id), set()).add(center)
+    return sorted(p for p, centers in seen.items() if len(centers) > 1)
 
 
 def _score(labels, probs, threshold: float, n_bootstrap: int, patients=None) -> dict:

@@ -99,6 +99,9 @@ def test_compare_ablation_transfer_bundle(tmp_path, bundle_root):
     assert [(float(r["threshold"]), float(r["factor"])) for r in grid] == [(0.5, 0.3), (0.5, 0.8), (0.7, 0.3), (0.7, 0.8)]
     assert len({r["pooled_auc"] for r in grid}) > 1 and all(0.0 <= float(r["auc_mean"]) <= 1.0 for r in grid)
     assert (out / "ablation" / "ablation.png").stat().st_size > 1000
+    chosen = json.loads((out / "ablation" / "ablation.json").read_text())["chosen_on_validation"]
+    by_val = max(grid, key=lambda r: (float(r["val_auc_mean"]), -float(r["val_loss_mean"])))
+    assert (chosen["threshold"], chosen["factor"]) == (float(by_val["threshold"]), float(by_val["factor"]))
     # transfer: 3 training centres x (3 test centres + other centres); diagonal = within-centre CV
     matrix = read_csv(out / "transfer" / "transfer.csv")
     assert [r["train_center"] for r in matrix] == ["cA", "cB", "cC"]

@@ -3,6 +3,7 @@ validation folds are warned about and counted."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -51,6 +52,9 @@ def test_checkpoints_record_data_and_evaluation_refuses_overlap(tmp_path, caplog
     held_out = evaluate_cohort(_bags(6, 3, prefix="h", seed=1), tmp_path / "cv", tmp_path / "held", n_bootstrap=20)
     assert held_out["overlap"]["n_patients"] == 0 and not held_out["overlap"]["in_sample"]
     assert held_out["ensemble"]["ci_method"].startswith("patient bootstrap (stratified, 20)")
+    _, fold0 = load_checkpoint(tmp_path / "cv" / "fold0" / "model.pt")
+    assert held_out["threshold_rule"]["fold_thresholds"]["fold0"] == pytest.approx(fold0["threshold"])
+    assert held_out["threshold"] == pytest.approx(np.mean(list(held_out["threshold_rule"]["fold_thresholds"].values())))
 
 
 def test_one_class_validation_is_warned_and_counted(tmp_path, caplog):
@@ -75,3 +79,47 @@ def test_validation_split_prefers_both_classes():
         for fold in splits["folds"]:
             labels = {int(s[1:3]) < 6 for s in fold["val"]}
             assert labels == {True, False}, (seed, fold["fold"])
+
+
+def test_ablation_choice_reads_validation_only():
+    from scripts.ablation import choose_on_validation
+
+    rows = [
+        {"threshold": 0.5, "factor": 0.3, "val_auc_mean": 0.70, "val_loss_mean": 0.6, "auc_mean": 0.95, "pooled_auc": 0.9},
+        {"threshold": 0.5, "factor": 0.8, "val_auc_mean": 0.80, "val_loss_mean": 0.5, "auc_mean": 0.60, "pooled_auc": 0.6},
+        {"threshold": 0.7, "factor": 0.3, "val_auc_mean": 0.80, "val_loss_mean": 0.4, "auc_mean": 0.50, "pooled_auc": 0.5},
+        {"threshold": 0.7, "factor": 0.8, "val_auc_mean": None, "val_loss_mean": 0.1, "auc_mean": 0.99, "pooled_auc": 0.99},
+    ]
+    chosen = choose_on_validation(rows)
+    assert (chosen["threshold"], chosen["factor"]) == (0.7, 0.3)  # best val AUC, tie broken by val loss; test AUC ignored
+
+
+def test_ensemble_threshold_rule_and_fallback(caplog):
+    from scripts.evaluate import ENSEMBLE_THRESHOLD_RULE, ensemble_threshold
+    from scripts.training import THRESHOLD_FALLBACK, THRESHOLD_SOURCE
+
+    folds = [("fold0", {"threshold": 0.3, "threshold_source": THRESHOLD_SOURCE}),
+             ("fold1", {"threshold": 0.5, "threshold_source": THRESHOLD_FALLBACK}),
+             ("fold2", {"threshold": 0.5, "threshold_source": THRESHOLD_SOURCE})]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="scripts.evaluate"):
+        threshold, record = ensemble_threshold(folds)
+    assert threshold == pytest.approx(0.4) and record["fallback_folds"] == ["fold1"] and record["rule"] == ENSEMBLE_THRESHOLD_RULE
+    assert "fold1" in caplog.text and "mean of the other 2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="scripts.evaluate"):
+        threshold, record = ensemble_threshold([("fold0", {"threshold": 0.5, "threshold_source": THRESHOLD_FALLBACK})])
+    assert threshold == 0.5 and record["fell_back_to_0.5"] and "fallback 0.5" in caplog.text
+
+
+def test_inference_and_transfer_only_warn(caplog):
+    from scripts.heldout import check_overlap
+    from scripts.transfer import shared_patients
+
+    cohort = _bags(4, 2)
+    checkpoint = {"metadata": {"train_patient_ids": ["p00"], "val_patient_ids": ["p03"]}}
+    with caplog.at_level(logging.WARNING, logger="scripts.heldout"):
+        record = check_overlap(cohort, [("fold0", checkpoint)], "cv", refuse=False, what="inference")
+    assert record["in_sample"] and record["n_patients"] == 2 and "inference: 2 of the cohort's 4 patients" in caplog.text
+    a, b = _bags(2, 1, prefix="a"), _bags(2, 1, prefix="b")
+    b[0] = dataclasses.replace(b[0], patient_id=a[1].patient_id)
+    assert shared_patients({"A": a, "B": b}) == [a[1].patient_id]

@@ -7,8 +7,13 @@
 * reading: ``scripts.wsi.patches.iter_patch_batches`` over a grid of 256-px patches of the slide (decode + copy, no encoder);
 * encoder: uint8 patches already in memory -> preprocessing (resize 256->224, normalise) -> encoder;
   on CUDA in bf16 autocast, for each batch size, without and with ``torch.compile``;
-* end to end: the extraction workflow on those patches (reader thread + encoder + HDF5 writing).
-Random weights are used when the weights file is absent: the speed is the same.
+* end to end: the extraction workflow on those patches (reader thread + encoder + HDF5 writing);
+* precision: the features of the same real patches of the slide with bf16 autocast versus fp32 on the
+  chosen device (CPU autocast runs bf16 too): per-patch cosine similarity (min, mean), relative L2
+  difference (mean, max) and the largest element difference relative to the patch's largest fp32
+  feature ("max rel"). Extraction's ``precision`` option picks one of the two; feature files record it.
+Random weights are used when the weights file is absent: the speed is the same (the precision figures
+depend on the weights: measure with the released ones for a statement about real features).
 """
 
 from __future__ import annotations
@@ -79,6 +84,28 @@ def bench_encoder(encoder, device, batch_size, n_patches, compiled=False) -> flo
         encoder.model = model
 
 
+def bench_precision(encoder, device, slide, n_patches: int = 64, batch_size: int = 16) -> dict:
+    """bf16 autocast vs fp32 features of the same ``n_patches`` real patches of ``slide`` on ``device``."""
+    coords = _grid(slide, n_patches)
+    patches = np.concatenate([b for b, _ in iter_patch_batches(slide, coords, 256, 0, 256, batch_size, 1, DEFAULT_BACKENDS)])
+    encoder.to(device)
+    before = encoder.precision
+    out = {}
+    try:
+        for precision in ("fp32", "bf16"):
+            encoder.precision = precision
+            out[precision] = torch.cat([encoder(torch.from_numpy(patches[i:i + batch_size]).to(device)).cpu()
+                                        for i in range(0, len(patches), batch_size)]).double()  # fmt: skip
+    finally:
+        encoder.precision = before
+    a, b = out["fp32"], out["bf16"]
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
+    rel_l2 = (a - b).norm(dim=1) / a.norm(dim=1).clamp_min(1e-12)
+    max_rel = ((a - b).abs().amax(dim=1) / a.abs().amax(dim=1).clamp_min(1e-12))
+    return {"n_patches": len(patches), "device": str(device), "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
+            "rel_l2_mean": float(rel_l2.mean()), "rel_l2_max": float(rel_l2.max()), "max_rel": float(max_rel.max())}  # fmt: skip
+
+
 def bench_end_to_end(slide, coords, encoder, device, batch_size, num_workers) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -111,6 +138,7 @@ def main(
     num_workers: int = 2,
     threads: int = 0,
     read_patches_n: int = 512,
+    precision_patches: int = 64,
 ) -> None:
     """Print patches/s for reading only, encoder only (per batch size, +/- torch.compile) and end to end."""
     slide = Path(slide)
@@ -128,7 +156,8 @@ def main(
     load = ", load average %.1f (other processes share these cores)" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
     print(f"# hardware: {os.cpu_count()} CPU cores ({cpu}), torch threads {torch.get_num_threads()}, GPU {gpu}{load}")
     print(f"# torch {torch.__version__}, encoder {encoder} ({'random' if enc.random_weights else 'released'} "
-          f"weights), precision {'bf16 autocast' if dev.type == 'cuda' else 'fp32'}, slide {slide.name}")
+          f"weights), precision {'bf16 autocast' if dev.type == 'cuda' else 'fp32'} (extraction default 'auto'), "
+          f"slide {slide.name}")
     print(f"{'stage':<34}{'batch':>6}{'patches/s':>12}")
 
     coords = _grid(slide, read_patches_n)
@@ -142,6 +171,11 @@ def main(
     e2e_bs = max(sizes)
     rate = bench_end_to_end(slide, _grid(slide, n_patches), enc, dev, e2e_bs, num_workers)
     print(f"{'end to end (workflow)':<34}{e2e_bs:>6}{rate:12.1f}")
+    if precision_patches > 0:
+        d = bench_precision(enc, dev, slide, precision_patches)
+        print(f"# bf16 autocast vs fp32 on {d['device']}, {d['n_patches']} patches of {slide.name}: cosine min "
+              f"{d['cosine_min']:.5f} mean {d['cosine_mean']:.5f}; relative L2 mean {d['rel_l2_mean']:.4f} max "
+              f"{d['rel_l2_max']:.4f}; max rel {d['max_rel']:.4f}")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,12 @@ class Encoder:
     std: tuple
     weights_sha256: str
     weights_path: str = ""
+    precision: str = "auto"  # "bf16" (autocast), "fp32", or "auto" (bf16 on CUDA, fp32 elsewhere)
     _norm: dict = field(default_factory=dict, repr=False)
+
+    def resolved_precision(self, device_type: str) -> str:
+        """``bf16`` or ``fp32``: what :meth:`__call__` runs with on ``device_type``."""
+        return resolve_precision(self.precision, device_type)
 
     @property
     def random_weights(self) -> bool:
@@ -102,12 +107,25 @@ class Encoder:
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(images)
-        if x.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+        if self.resolved_precision(x.device.type) == "bf16":
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
                 out = self.model(x)
         else:
             out = self.model(x)
         return out.float()
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_precision(precision: str | None, device_type: str) -> str:
+    """``"bf16"`` or ``"fp32"`` for an extraction ``precision`` option (``auto``: bf16 on CUDA, else fp32)."""
+    value = "auto" if precision in (None, "") else str(precision).lower()
+    if value not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if value == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    return value
 
 
 def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:
