@@ -431,6 +431,7 @@ def extract_slide(
     reader_backend: str | Sequence[str] = "auto",
     overwrite: bool = False,
     progress: bool = False,
+    precision: str = "auto",
 ) -> dict:
     """Features of one slide (a :class:`scripts.datalist.SlideRecord`): reads
     ``<output_dir>/patches/<slide_id>.h5``, writes ``<output_dir>/features/<slide_id>.h5`` atomically and
@@ -442,5 +443,6 @@ def extract_slide(
     """
     workflow = FeatureExtractionWorkflow("", output_dir, encoder, device=device, batch_size=batch_size,
                                          num_workers=num_workers, reader_backend=reader_backend,
-                                         overwrite=overwrite, distributed=False, progress=progress)
+                                         overwrite=overwrite, distributed=False, progress=progress,
+                                         precision=precision)
     return workflow.extract_records([record])[0]
