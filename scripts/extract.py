@@ -147,6 +147,8 @@ class FeatureExtractionWorkflow:
         batch_size: patches per encoder batch (and per read batch).
         num_workers: reader threads (cuCIM's thread pool / decoding threads).
         prefetch_batches: read-ahead depth of the reader thread.
+        reader: the WSI reader component (``scripts.wsi.reader.SlideWSIReader``, declared in
+            configs/extract.json); patches are read with its backends, in its order (overrides ``reader_backend``).
         reader_backend: "auto" (cuCIM behind its crash-safe probe, then OpenSlide, tifffile, DICOM: see
             ``scripts.wsi.open``) or one of "cucim", "openslide", "tifffile", "dicom".
         num_threads: torch CPU threads (0: torch's default, divided among ranks sharing a CPU machine).
@@ -174,6 +176,7 @@ class FeatureExtractionWorkflow:
         progress: bool = True,
         write_pt_files: bool = False,
         precision: str = "auto",
+        reader=None,
     ):
         self.datalist = Path(datalist)
         self.output_dir = Path(output_dir)
@@ -184,6 +187,8 @@ class FeatureExtractionWorkflow:
         self.prefetch_batches = max(1, int(prefetch_batches))
         self.reader_backend = reader_backend
         self.backends = reader_backends(reader_backend)
+        if reader is not None:  # the WSI reader component (scripts.wsi.reader.SlideWSIReader): its fallback chain
+            self.backends = tuple(reader.backends)
         self.num_threads = int(num_threads)
         self.overwrite = bool(overwrite)
         self.compile = bool(compile)

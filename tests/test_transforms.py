@@ -45,6 +45,14 @@ def test_configs_declare_reader_and_transforms(bundle_root, name):
     assert compose.transforms[0].reader is parser.get_parsed_content("reader")
 
 
+def test_extract_config_reads_patches_through_the_reader_component(bundle_root):
+    parser = parse(bundle_root, "extract.json", reader_backend="tifffile", allow_random_weights=True,
+                   encoder_weights="/nonexistent.pth")
+    reader = parser.get_parsed_content("reader")
+    assert isinstance(reader, BaseWSIReader) and reader.backends == ("tifffile",)
+    assert parser.get_parsed_content("workflow").backends == ("tifffile",)
+
+
 def test_user_tissue_transform_swapped_by_override_changes_the_grid(bundle_root, shared_slides, tmp_path, monkeypatch):
     (tmp_path / "user_tissue.py").write_text(USER_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
