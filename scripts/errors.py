@@ -23,6 +23,22 @@ class BundleError(Exception):
     """Base class of every user-facing error: its message says what is wrong, where, and the fix."""
 
 
+class AllSlidesFailedError(BundleError):
+    """Every slide of a run failed: the stage wrote its summary, then the process exits non-zero."""
+
+
+def raise_if_all_failed(rows: list[dict], stage: str, summary, failed_statuses=("failed",)) -> None:
+    """Raise :class:`AllSlidesFailedError` when ``rows`` is non-empty and every row's ``status`` is failed;
+    the message gives the count, the first slide's reason and where the summary is."""
+    if not rows or any(str(row.get("status", "")) not in failed_statuses for row in rows):
+        return
+    first = rows[0]
+    reason = " ".join(str(first.get("error") or first.get("warning") or "no reason recorded").split())[:400]
+    raise AllSlidesFailedError(
+        f"{stage}: every slide failed ({len(rows)} of {len(rows)}); first, {first.get('slide_id')!r}: {reason} "
+        f"(each slide's reason is in {summary})")
+
+
 def debug_requested(argv: list[str] | None = None) -> bool:
     """True when the user asked for full tracebacks (``--debug [true]`` or ``SMILE_DEBUG=1``)."""
     if os.environ.get("SMILE_DEBUG", "").strip().lower() not in ("", "0", "false", "no"):
@@ -69,4 +85,4 @@ def install_excepthook() -> None:
         sys.excepthook = _excepthook
 
 
-__all__ = ["BundleError", "debug_requested", "find_bundle_error", "format_error", "install_excepthook"]
+__all__ = ["AllSlidesFailedError", "BundleError", "raise_if_all_failed", "debug_requested", "find_bundle_error", "format_error", "install_excepthook"]

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from scripts.datalist import load_datalist
+from scripts.errors import raise_if_all_failed
 from scripts.formats.layout import OutputLayout
 from scripts.io_utils import atomic_path, write_csv
 from scripts.networks.encoders import Encoder
@@ -146,6 +147,8 @@ class FeatureExtractionWorkflow:
         batch_size: patches per encoder batch (and per read batch).
         num_workers: reader threads (cuCIM's thread pool / decoding threads).
         prefetch_batches: read-ahead depth of the reader thread.
+        reader: the WSI reader component (``scripts.wsi.reader.SlideWSIReader``, declared in
+            configs/extract.json); patches are read with its backends, in its order (overrides ``reader_backend``).
         reader_backend: "auto" (cuCIM behind its crash-safe probe, then OpenSlide, tifffile, DICOM: see
             ``scripts.wsi.open``) or one of "cucim", "openslide", "tifffile", "dicom".
         num_threads: torch CPU threads (0: torch's default, divided among ranks sharing a CPU machine).
@@ -173,6 +176,7 @@ class FeatureExtractionWorkflow:
         progress: bool = True,
         write_pt_files: bool = False,
         precision: str = "auto",
+        reader=None,
     ):
         self.datalist = Path(datalist)
         self.output_dir = Path(output_dir)
@@ -183,6 +187,8 @@ class FeatureExtractionWorkflow:
         self.prefetch_batches = max(1, int(prefetch_batches))
         self.reader_backend = reader_backend
         self.backends = reader_backends(reader_backend)
+        if reader is not None:  # the WSI reader component (scripts.wsi.reader.SlideWSIReader): its fallback chain
+            self.backends = tuple(reader.backends)
         self.num_threads = int(num_threads)
         self.overwrite = bool(overwrite)
         self.compile = bool(compile)
@@ -200,8 +206,8 @@ class FeatureExtractionWorkflow:
         rank, world, created_group = self._init_distributed()
         try:
             mine = records[rank::world]
-            self._configure_torch(world)
-            rows = self._extract(mine, rank, world)
+            configure_torch(self.device, self.num_threads, world)
+            rows = self.extract_records(mine, rank, world)
             all_rows = rows
             if world > 1:
                 gathered: list = [None] * world
@@ -214,6 +220,7 @@ class FeatureExtractionWorkflow:
                 self._log_totals(all_rows)
             if world > 1:
                 torch.distributed.barrier()
+            raise_if_all_failed(all_rows, "feature extraction", OutputLayout(self.output_dir).extract_summary)
             return all_rows
         finally:
             if created_group:
@@ -240,18 +247,10 @@ class FeatureExtractionWorkflow:
         logger.info("rank %d/%d (%s) on %s", dist.get_rank(), dist.get_world_size(), backend, self.device)
         return dist.get_rank(), dist.get_world_size(), True
 
-    def _configure_torch(self, world: int) -> None:
-        if self.device.type != "cpu":
-            return
-        threads = self.num_threads
-        if threads <= 0 and world > 1:
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-            threads = max(1, (os.cpu_count() or 1) // max(1, local))
-        if threads > 0:
-            torch.set_num_threads(threads)
-
     # ---------------------------------------------------------------------------------- the work
-    def _extract(self, records, rank: int, world: int) -> list[dict]:
+    def extract_records(self, records, rank: int = 0, world: int = 1) -> list[dict]:
+        """Extract ``records`` (this rank's share) in order, the reader thread reading ahead across slides;
+        one summary row per record. Never raises for a bad slide (its row says ``failed`` and why)."""
         features_dir = OutputLayout(self.output_dir).features_dir
         features_dir.mkdir(parents=True, exist_ok=True)
         rows: dict[str, dict] = {}
@@ -412,3 +411,43 @@ def _flag(value) -> bool:
     if isinstance(value, str):
         return value.strip().lower() not in ("false", "0", "no", "")
     return bool(value)
+
+
+def configure_torch(device: str | torch.device, num_threads: int = 0, world: int = 1) -> None:
+    """CPU threads for the encoder: ``num_threads`` when > 0, else torch's default, divided among the ranks
+    sharing this machine under torchrun. Nothing to do on a GPU."""
+    if torch.device(device).type != "cpu":
+        return
+    threads = int(num_threads)
+    if threads <= 0 and world > 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        threads = max(1, (os.cpu_count() or 1) // max(1, local))
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def extract_slide(
+    record,
+    encoder: Encoder,
+    output_dir: str | Path,
+    device: str | torch.device = "cpu",
+    batch_size: int = 32,
+    num_workers: int = 2,
+    reader_backend: str | Sequence[str] = "auto",
+    overwrite: bool = False,
+    progress: bool = False,
+    precision: str = "auto",
+) -> dict:
+    """Features of one slide (a :class:`scripts.datalist.SlideRecord`): reads
+    ``<output_dir>/patches/<slide_id>.h5``, writes ``<output_dir>/features/<slide_id>.h5`` atomically and
+    returns the slide's ``extract_summary.csv`` row (status ``ok``, ``skipped`` when a complete file from the
+    same slide file and encoder exists, ``empty``, ``precomputed`` or ``failed`` with the error).
+
+    The per-slide stage other workflows call (inference); :class:`FeatureExtractionWorkflow` runs the same
+    code over a datalist with read-ahead across slides, resume, a summary and torchrun sharding.
+    """
+    workflow = FeatureExtractionWorkflow("", output_dir, encoder, device=device, batch_size=batch_size,
+                                         num_workers=num_workers, reader_backend=reader_backend,
+                                         overwrite=overwrite, distributed=False, progress=progress,
+                                         precision=precision)
+    return workflow.extract_records([record])[0]

@@ -46,6 +46,7 @@ from scripts.formats.feature_file import (  # noqa: F401 - read_features re-expo
     OVERRIDE, FeatureExpectation, FeatureFileError, check_features, feature_candidates, feature_info,
     find_feature_file, patch_geometry, read_features,
 )
+from scripts.errors import raise_if_all_failed
 from scripts.formats.layout import OutputLayout
 from scripts.io_utils import write_csv
 
@@ -149,7 +150,7 @@ class PatchStage:
 
 
 class FeatureStage:
-    """Patch grid -> feature file, with the feature-extraction workflow (one slide at a time).
+    """Patch grid -> feature file, with :func:`scripts.extract.extract_slide` (one slide at a time).
 
     ``encoder`` is a callable that builds the encoder (``build_encoder`` with ``"_mode_": "callable"``): it is
     built on the first slide that needs it, so parsing the config needs no weights file.
@@ -160,21 +161,20 @@ class FeatureStage:
                  overwrite: bool = False, progress: bool = False) -> None:
         self.encoder_factory = encoder
         self.output_dir = Path(output_dir)
+        self.num_threads = int(num_threads)
         self.options = dict(device=device, batch_size=batch_size, num_workers=num_workers,
-                            reader_backend=reader_backend, num_threads=num_threads, overwrite=overwrite, progress=progress, distributed=False)
-        self._workflow = None
+                            reader_backend=reader_backend, overwrite=overwrite, progress=progress)
+        self._encoder = None
 
     def __call__(self, record: SlideRecord, patch_file: Path) -> tuple[Path, float]:
-        from scripts.extract import FeatureExtractionWorkflow
+        from scripts.extract import configure_torch, extract_slide
 
         start = time.perf_counter()
-        if self._workflow is None:
-            encoder = self.encoder_factory() if callable(self.encoder_factory) and not hasattr(
+        if self._encoder is None:
+            self._encoder = self.encoder_factory() if callable(self.encoder_factory) and not hasattr(
                 self.encoder_factory, "feature_dim") else self.encoder_factory
-            self._workflow = FeatureExtractionWorkflow(datalist="", output_dir=self.output_dir, encoder=encoder,
-                                                       **self.options)
-            self._workflow._configure_torch(1)
-        row = self._workflow._extract([record], 0, 1)[0]
+            configure_torch(self.options["device"], self.num_threads, 1)
+        row = extract_slide(record, self._encoder, self.output_dir, **self.options)
         if row["status"] not in ("ok", "skipped"):
             raise RuntimeError(f"feature extraction: {row['status']}: {row['error']}")
         return OutputLayout(self.output_dir).feature_file(record.slide_id), time.perf_counter() - start
@@ -311,6 +311,7 @@ class SlideInference:
         failed = [r for r in results if r.status != "ok"]
         logger.info("predictions for %d slide(s) in %s%s", len(results) - len(failed), layout.predictions,
                     f"; {len(failed)} failed: " + ", ".join(r.slide_id for r in failed) if failed else "")
+        raise_if_all_failed(rows, "inference", layout.predictions)
         return rows
 
     def run_slide(self, record: SlideRecord) -> SlideResult:

@@ -25,20 +25,20 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from scripts.datalist import SlideRecord, load_datalist
+from scripts.errors import raise_if_all_failed
 from scripts.formats.layout import OutputLayout
 from scripts.io_utils import write_csv
 from scripts.wsi import mpp as mpp_lib
-from scripts.wsi.grid import patch_grid
 from scripts.formats.patch_file import read_patch_file, slide_fingerprint, write_patch_file
 from scripts.wsi.preview import save_preview
-from scripts.wsi.open import DEFAULT_BACKENDS, SlideReadError, open_slide
+from scripts.wsi.open import DEFAULT_BACKENDS, SlideReadError
 from scripts.wsi.probe import probe_cucim
-from scripts.wsi.tissue import TissueParams, tissue_mask, warm_up_itk
+from scripts.wsi.tissue import TissueParams, warm_up_itk
 
 logger = logging.getLogger("scripts.preprocess")
 
@@ -67,6 +67,9 @@ class PreprocessSettings:
     preview: bool = True
     preview_size: int = 1024
     cucim_verdicts: dict = field(default_factory=dict)  # filled by the workflow from one probe pass
+    # the per-slide steps (open + mpp, tissue mask, patch grid) as a MONAI Compose of dictionary transforms
+    # (configs/preprocess.json declares them); None: built from the fields above by default_slide_transforms
+    transforms: Any = None
 
     @property
     def effective_overlap(self) -> float:
@@ -75,6 +78,42 @@ class PreprocessSettings:
         if not 0 < self.stride <= self.patch_size:
             raise ValueError(f"stride {self.stride} must be in 1..patch_size ({self.patch_size})")
         return 1.0 - float(self.stride) / self.patch_size
+
+
+def default_slide_transforms(settings: PreprocessSettings):
+    """The Compose configs/preprocess.json declares, built from ``settings``: open the slide with
+    :class:`~scripts.wsi.reader.SlideWSIReader` (trusted mpp), tissue mask, patch grid."""
+    from monai.transforms import Compose
+
+    from scripts.transforms import OpenSlided, PatchGridd, TissueMaskd
+    from scripts.wsi.reader import SlideWSIReader
+
+    reader = SlideWSIReader(backends=settings.backends, default_mpp=settings.default_mpp)
+    return Compose([
+        OpenSlided("image", reader=reader),
+        TissueMaskd("wsi", params=settings.tissue, mask_mpp=settings.mask_mpp, max_mask_side=settings.max_mask_side),
+        PatchGridd("wsi", patch_size=settings.patch_size, target_mpp=settings.target_mpp,
+                   overlap=settings.effective_overlap, min_tissue_fraction=settings.min_tissue_fraction),
+    ])
+
+
+def run_slide_transforms(transforms, data: dict) -> tuple[dict, dict]:
+    """Apply ``transforms`` (a Compose, a list, or one callable) to ``data``; returns the result and the
+    seconds each step took (keys ``read`` / ``tissue`` / ``grid`` for the three default steps)."""
+    steps = list(getattr(transforms, "transforms", None) or (transforms if isinstance(transforms, (list, tuple)) else [transforms]))
+    names = ["read", "tissue", "grid"] + [f"step{i}" for i in range(3, len(steps))]
+    seconds: dict = {}
+    for name, step in zip(names, steps):
+        start = time.perf_counter()
+        try:
+            data = step(data)
+        except Exception as error:
+            # MONAI wraps a transform's error in "applying transform ..."; the slide's own error is more useful
+            from scripts.errors import find_bundle_error
+
+            raise (find_bundle_error(error) or error) from error
+        seconds[name] = time.perf_counter() - start
+    return data, seconds
 
 
 def _row(record: SlideRecord, **values) -> dict:
@@ -142,52 +181,46 @@ def _patch_file_matches(attrs, record: SlideRecord, settings: PreprocessSettings
 def _preprocess_open_slide(record, settings, output_dir, h5_path, png_path, start) -> dict:
     if record.path is None:
         raise SlideReadError(f"slide {record.slide_id!r} has no path in the datalist")
-    verdict = settings.cucim_verdicts.get(str(record.path))
-    with open_slide(
-        record.path, backends=settings.backends, slide_id=record.slide_id, mpp=record.mpp,
-        default_mpp=settings.default_mpp, cucim_verdict=verdict,
-    ) as handle:
-        width, height = handle.dimensions
-        mask_ds = max(1.0, settings.mask_mpp / handle.mpp, max(width, height) / float(settings.max_mask_side))
-        thumb = handle.read_scaled(mask_ds)
-        mask_ds = width / float(thumb.shape[1])  # the exact grid after rounding
-        read_done = time.perf_counter()  # stage timings (open + low-resolution read, tissue mask, grid)
-        mask, info = tissue_mask(thumb, handle.mpp * mask_ds, settings.tissue)
-        tissue_done = time.perf_counter()
-        grid = patch_grid(
-            handle.dimensions, handle.level_downsamples, handle.mpp, mask, mask_ds, settings.patch_size,
-            settings.target_mpp, settings.effective_overlap, settings.min_tissue_fraction,
-        )
-        warnings = []
-        level_mpp = handle.mpp * grid.level_downsample
-        if level_mpp > settings.target_mpp * 1.02:
-            warnings.append(f"level 0 is {handle.mpp:g} um/px, coarser than the target {settings.target_mpp:g}: patches are upscaled x{grid.scale:.2f}")
-        attrs = dict(grid.attrs(), mpp_source=handle.mpp_source, backend=handle.backend, slide_path=str(record.path),
-                     slide_fingerprint=slide_fingerprint(record.path),
-                     slide_id=record.slide_id, tissue_area_mm2=round(info["tissue_area_mm2"], 4),
-                     min_tissue_fraction=settings.min_tissue_fraction, level0_width=int(width), level0_height=int(height))
-        n = len(grid.coords)
-        if n == 0:
-            status = "no_tissue"
-            warnings.insert(0, f"no patch reaches a tissue fraction of {settings.min_tissue_fraction:g} "
-                               f"(tissue area {info['tissue_area_mm2']:.3f} mm2); no patch file written for this slide")
-            if h5_path.exists():
-                h5_path.unlink()  # a stale bag from an earlier run must not be used
-        else:
-            status = "ok"
-            write_patch_file(h5_path, grid.coords, attrs, level_dim=handle.level_dimensions[grid.level])
-        if settings.preview:
-            save_preview(png_path, thumb, mask, mask_ds, grid.coords, grid.patch_size_level0, settings.preview_size,
-                         title=f"{record.slide_id}: {n} patches")
-        return _row(
-            record, status=status, warning="; ".join(warnings), mpp=handle.mpp, mpp_source=handle.mpp_source,
-            backend=handle.backend, level=grid.level, level_downsample=round(grid.level_downsample, 6),
-            read_size_level=grid.read_size_level, scale=round(grid.scale, 6), n_patches=n,
-            tissue_area_mm2=round(info["tissue_area_mm2"], 4), seconds=round(time.perf_counter() - start, 3),
-            seconds_read=round(read_done - start, 3), seconds_tissue=round(tissue_done - read_done, 3),
-            seconds_grid=round(time.perf_counter() - tissue_done, 3),
-            patch_file=str(h5_path) if n else "", preview=str(png_path) if settings.preview else "",
-        )
+    transforms = settings.transforms if settings.transforms is not None else default_slide_transforms(settings)
+    data = {"image": str(record.path), "slide_id": record.slide_id, "mpp": record.mpp}
+    try:
+        data, seconds = run_slide_transforms(transforms, data)
+    finally:
+        handle = data.get("wsi")
+        if handle is not None:
+            handle.close()
+    mpp, thumb, mask, mask_ds, grid = data["mpp"], data["thumbnail"], data["tissue_mask"], data["mask_downsample"], data["grid"]
+    info = data["tissue_info"]
+    warnings = []
+    level_mpp = mpp * grid.level_downsample
+    if level_mpp > grid.target_mpp * 1.02:
+        warnings.append(f"level 0 is {mpp:g} um/px, coarser than the target {grid.target_mpp:g}: patches are upscaled x{grid.scale:.2f}")
+    attrs = dict(grid.attrs(), mpp_source=data.get("mpp_source"), backend=data.get("backend"), slide_path=str(record.path),
+                 slide_fingerprint=slide_fingerprint(record.path),
+                 slide_id=record.slide_id, tissue_area_mm2=round(info["tissue_area_mm2"], 4),
+                 min_tissue_fraction=settings.min_tissue_fraction)
+    n = len(grid.coords)
+    if n == 0:
+        status = "no_tissue"
+        warnings.insert(0, f"no patch reaches a tissue fraction of {settings.min_tissue_fraction:g} "
+                           f"(tissue area {info['tissue_area_mm2']:.3f} mm2); no patch file written for this slide")
+        if h5_path.exists():
+            h5_path.unlink()  # a stale bag from an earlier run must not be used
+    else:
+        status = "ok"
+        write_patch_file(h5_path, grid.coords, attrs)
+    if settings.preview:
+        save_preview(png_path, thumb, mask, mask_ds, grid.coords, grid.patch_size_level0, settings.preview_size,
+                     title=f"{record.slide_id}: {n} patches")
+    return _row(
+        record, status=status, warning="; ".join(warnings), mpp=mpp, mpp_source=data.get("mpp_source"),
+        backend=data.get("backend"), level=grid.level, level_downsample=round(grid.level_downsample, 6),
+        read_size_level=grid.read_size_level, scale=round(grid.scale, 6), n_patches=n,
+        tissue_area_mm2=round(info["tissue_area_mm2"], 4), seconds=round(time.perf_counter() - start, 3),
+        seconds_read=round(seconds.get("read", 0.0), 3), seconds_tissue=round(seconds.get("tissue", 0.0), 3),
+        seconds_grid=round(seconds.get("grid", 0.0), 3),
+        patch_file=str(h5_path) if n else "", preview=str(png_path) if settings.preview else "",
+    )
 
 
 def _worker_init() -> None:
@@ -246,6 +279,7 @@ class PreprocessWorkflow:
             sum(int(r["n_patches"] or 0) for r in ordered if r["status"] == "ok"), counts["no_tissue"],
             counts["failed"], summary,
         )
+        raise_if_all_failed(ordered, "preprocessing", summary)
         return ordered
 
     def _bar(self, items, total=None):
@@ -258,7 +292,7 @@ class PreprocessWorkflow:
             # load the slow libraries once, before forking, so workers start instantly
             from monai.data import WSIReader  # noqa: F401
 
-            if settings.tissue.backend == "itk":
+            if settings.tissue.backend == "itk" or settings.transforms is not None:
                 warm_up_itk()
         context = multiprocessing.get_context(self.start_method)
         todo = list(records)

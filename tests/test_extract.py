@@ -212,8 +212,12 @@ def test_slide_that_crashes_cucim_is_read_by_a_fallback(shared_slides, tmp_path,
     assert (patches[0, 250:] == 255).all() and (patches[2, 240:] == 255).all() and not (patches[1] == 255).all()
     np.testing.assert_allclose(got, encoder(torch.from_numpy(patches)).numpy(), atol=1e-4)
     # cuCIM alone: a failed row that says why, not a dead process
-    rows = run_workflow(datalist, tmp_path / "out", encoder, reader_backend="cucim", overwrite=True)
-    assert rows[0]["status"] == "failed" and "crashed" in rows[0]["error"]
+    from scripts.errors import AllSlidesFailedError
+
+    with pytest.raises(AllSlidesFailedError, match="every slide failed") as raised:  # its only slide: non-zero exit
+        run_workflow(datalist, tmp_path / "out", encoder, reader_backend="cucim", overwrite=True)
+    assert "crashed" in str(raised.value)
+    assert summary(tmp_path / "out")["boxes"]["status"] == "failed"
 
 
 def test_one_bad_slide_is_reported_and_others_go_on(tmp_path, encoder):
@@ -374,3 +378,23 @@ def test_clam_coordinate_file_is_read(tmp_path):
     assert (info.level, info.read_size, info.patch_size) == (1, 256, 256)
     np.testing.assert_array_equal(info.coords, coords)
     assert info.slide_path == tmp_path / "slide.tif"
+
+
+def test_extract_slide_is_the_workflows_per_slide_stage(tmp_path, encoder):
+    """The public per-slide function gives the workflow's features, resumes, and reports a bad slide as a row."""
+    from scripts.datalist import load_datalist
+    from scripts.extract import extract_slide
+
+    datalist, out = make_cohort(tmp_path, 2)
+    record = load_datalist(datalist, require_labels=False)[0]
+    row = extract_slide(record, encoder, out, batch_size=2)
+    assert row["status"] == "ok" and row["n_patches"] == 3
+    got = features_of(out, "s0")
+    patches = read_patches(tmp_path / "slide0.tif", COORDS, 1, 256, 256, "tifffile")
+    np.testing.assert_allclose(got, encoder(torch.from_numpy(patches)).numpy(), atol=1e-4)
+    assert extract_slide(record, encoder, out)["status"] == "skipped"
+    (out / "patches" / "s1.h5").unlink()
+    other = load_datalist(datalist, require_labels=False)[1]
+    failed = extract_slide(other, encoder, out)
+    assert failed["status"] == "failed" and "s1.h5" in failed["error"]
+    assert not (out / "features" / "s1.h5").exists()
