@@ -76,6 +76,7 @@ def run_ablation(
                 "pooled_auc": pooled["auc"],
                 "pooled_auc_ci_low": ci[0],
                 "pooled_auc_ci_high": ci[1],
+                "ci_method": pooled.get("ci_method"),
                 "accuracy": at_val.get("accuracy"),
                 "f1": at_val.get("f1"),
                 "n_slides": summary["n_slides"],

@@ -37,6 +37,8 @@ from scripts.io_utils import atomic_path, write_csv, write_json
 from scripts.metrics import nan_to_none, plot_roc
 from scripts.metrics.paired import delong_test, paired_bootstrap_auc
 from scripts.mil_data import Bag, BagList, bags_from_datalist, bags_from_npz, feature_shape
+from scripts.pooled_baseline import DESCRIPTION as FLOOR_DESCRIPTION
+from scripts.pooled_baseline import FLOOR_NAME, pooled_cross_validation
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +148,12 @@ def compare_methods(
     n_bootstrap: int = 2000,
     paired_bootstrap: int = 2000,
     keep_fold_models: bool = True,
+    floor: bool = True,
 ) -> dict:
     """Train and score every method on ``splits``; write ``<output_dir>/compare/`` (module docstring).
+
+    ``floor``: also score the pooled logistic-regression floor (:mod:`scripts.pooled_baseline`, mean +
+    max pooled instance features) on the same folds; it gets a row and a paired test like every method.
 
     Returns the comparison dict (also ``comparison.json``): ``rows`` (one per method), ``paired``
     (reference vs each method) and the cohort / settings description.
@@ -196,6 +202,7 @@ def compare_methods(
             "pooled_auc": pooled["auc"],
             "pooled_auc_ci_low": (pooled.get("auc_ci") or [None, None])[0],
             "pooled_auc_ci_high": (pooled.get("auc_ci") or [None, None])[1],
+            "ci_method": pooled.get("ci_method"),
             "accuracy": at_val.get("accuracy"),
             "balanced_accuracy": at_val.get("balanced_accuracy"),
             "f1": at_val.get("f1"),
@@ -212,9 +219,11 @@ def compare_methods(
         rows.append(row)
         bar.write(f"{name}: pooled AUC {_fmt(row['pooled_auc'])}, fold AUC {_fmt(row['auc_mean'])} ± {_fmt(row['auc_std'])}")
     bar.close()
+    if as_bool(floor, "floor"):
+        _add_floor(bags, splits, n_bootstrap, results, rows, out_dir)
 
     oof = merge_predictions({m: r.predictions for m, r in results.items()})
-    paired = paired_tests(oof, reference, [m for m in methods if m in results], n_bootstrap=paired_bootstrap)
+    paired = paired_tests(oof, reference, [m for m in [*methods, FLOOR_NAME] if m in results], n_bootstrap=paired_bootstrap)
     for row in rows:
         test = paired.get(row["method"])
         if test:
@@ -240,6 +249,36 @@ def compare_methods(
         Path(tmp).write_text(markdown)
     logger.info("comparison written to %s\n%s", out_dir, markdown)
     return comparison
+
+
+def _add_floor(bags, splits, n_bootstrap, results: dict, rows: list, out_dir: Path) -> None:
+    """The pooled logistic-regression floor on the same folds, as one more row (never stops the comparison)."""
+    from types import SimpleNamespace
+
+    start = time.perf_counter()
+    try:
+        floor = pooled_cross_validation(bags, splits, n_bootstrap=n_bootstrap)
+    except (ValueError, MemoryError) as error:
+        logger.warning("pooled logistic-regression floor failed: %s", error)
+        rows.append({"method": FLOOR_NAME, "status": f"failed: {type(error).__name__}: {error}"})
+        return
+    results[FLOOR_NAME] = SimpleNamespace(predictions=floor["predictions"], summary=floor["summary"])
+    write_csv(out_dir / FLOOR_NAME / "cv" / "oof_predictions.csv", floor["predictions"])
+    write_json(out_dir / FLOOR_NAME / "cv" / "summary.json", floor["summary"])
+    summary, pooled = floor["summary"], floor["summary"]["pooled"]
+    at_val = pooled.get("at_val_threshold") or {}
+    dim = int(bags[0].load().shape[1])
+    rows.append({
+        "method": FLOOR_NAME, "status": "ok", "params": 2 * dim + 1, "n_slides": summary["n_slides"],
+        "n_patients": summary["n_patients"], "n_folds": len(summary["folds"]), "auc_mean": summary["mean"]["auc"],
+        "auc_std": summary["std"]["auc"], "pooled_auc": pooled["auc"],
+        "pooled_auc_ci_low": (pooled.get("auc_ci") or [None, None])[0],
+        "pooled_auc_ci_high": (pooled.get("auc_ci") or [None, None])[1], "ci_method": pooled.get("ci_method"),
+        "accuracy": at_val.get("accuracy"), "balanced_accuracy": at_val.get("balanced_accuracy"), "f1": at_val.get("f1"),
+        "sensitivity": at_val.get("sensitivity"), "specificity": at_val.get("specificity"),
+        "accuracy_at_0.5": pooled["at_0.5"]["accuracy"], "f1_at_0.5": pooled["at_0.5"]["f1"], "median_best_epoch": None,
+        "seconds": round(time.perf_counter() - start, 1), "network_kwargs": {"floor": FLOOR_DESCRIPTION},
+    })  # fmt: skip
 
 
 def _run_cv(factory, bags, splits, settings, output_dir, n_bootstrap):
@@ -387,14 +426,23 @@ def comparison_markdown(comparison: dict) -> str:
     lines += [
         "",
         "How to read it: the pooled AUC is computed on every slide's out-of-fold probability (each slide",
-        "scored once, by the fold model that never saw its patient); its interval resamples slides.",
+        "scored once, by the fold model that never saw its patient); its 95% interval: "
+        + _ci_methods(comparison["rows"]) + " (patients carry all their slides; positive and negative",
+        "patients are resampled separately).",
         "Accuracy and F1 use each fold's threshold chosen on that fold's validation split (Youden).",
         f"ΔAUC is the pooled AUC of {ref} minus the method's, with a 95% paired-bootstrap interval that resamples",
         "patients; DeLong and bootstrap p-values test 'no difference' (two-sided). Holm adjusts DeLong p for",
         "comparing against several methods. A large p on a small cohort means 'not shown', not 'equal'.",
+        f"{FLOOR_NAME} is the floor: {FLOOR_DESCRIPTION}, fitted on each fold's training slides",
+        "(threshold on its validation slides): a MIL method close to it adds little over pooling.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _ci_methods(rows) -> str:
+    methods = sorted({r["ci_method"] for r in rows if r.get("ci_method")})
+    return "; ".join(methods) if methods else "n/a"
 
 
 def _describe_optimizer(value) -> str:

@@ -5,11 +5,15 @@ Columns
 ``slide_id``    unique name of the slide (used for every output file name)
 ``path``        slide file, absolute or relative to the CSV's folder
 ``label``       0 (STAS absent) or 1 (STAS present); may be empty or absent for inference
-``patient_id``  patient the slide comes from (cross-validation never splits a patient)
-``center``      hospital / scanner the slide comes from
+``patient_id``  patient the slide comes from (cross-validation never splits a patient); for inference
+                optional, defaulting to the slide id
+``center``      hospital / scanner the slide comes from; optional for inference
 ``mpp``         optional: microns per pixel at level 0, overriding the slide's own metadata
 ``features``    optional: a precomputed feature file (.h5 with ``features``, or .pt), e.g. from CLAM
-                or TRIDENT, relative to the CSV's folder; then ``path`` may be empty
+                or TRIDENT, relative to the CSV's folder; then ``path`` may be empty (docs/formats.md)
+
+Training and evaluation need every column but ``mpp`` / ``features``. Inference (``require_labels=False``)
+needs only ``slide_id`` and ``path`` or ``features``: a datalist of new slides is just their ids and files.
 ``annotations`` optional: the slide's region annotations as a QuPath GeoJSON export (level-0 pixels,
                 ``objectType`` "annotation"), relative to the CSV's folder; evaluation and inference
                 then report how well the attention localises them (``scripts.metrics.localisation``)
@@ -88,7 +92,10 @@ def load_datalist(
         columns = [c.strip() for c in (reader.fieldnames or [])]
         rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
 
-    required = [c for c in REQUIRED_COLUMNS if not (c == "label" and not require_labels)]
+    if require_labels:
+        required = list(REQUIRED_COLUMNS)
+    else:  # inference: new slides need only an id and a file (patient_id defaults to the slide id)
+        required = ["slide_id"] + ([] if "features" in columns else ["path"])
     missing = [c for c in required if c not in columns]
     if missing:
         raise DatalistError(
@@ -130,9 +137,11 @@ def load_datalist(
 
         patient_id = row.get("patient_id", "")
         center = row.get("center", "")
+        if not patient_id and not require_labels:
+            patient_id = slide_id  # inference: each slide its own patient unless told otherwise
         if not patient_id:
             problems.append(f"{where}: slide {slide_id!r} has no patient_id (needed for leakage-free splits)")
-        if "center" in columns and not center:
+        if "center" in columns and not center and require_labels:
             problems.append(f"{where}: slide {slide_id!r} has no center")
         if patient_id and center:
             centers_of_patient[patient_id].add(center)

@@ -133,6 +133,8 @@ def _print_table(timings) -> None:
 
 
 def _print_results(out: Path) -> None:
+    from scripts.metrics import format_ci
+
     summary = out / "cv" / "summary.json"
     if summary.exists():
         data = json.loads(summary.read_text())
@@ -143,7 +145,7 @@ def _print_results(out: Path) -> None:
         pooled = data.get("pooled", {})
         print(f"  mean AUC {mean.get('auc', float('nan')):.3f} +/- {std.get('auc', float('nan')):.3f}; "
               f"pooled out-of-fold AUC {pooled.get('auc', float('nan')):.3f} "
-              f"(95% CI {pooled.get('auc_ci', ['?', '?'])})")
+              f"(95% CI {format_ci(None, pooled.get('auc_ci')).removeprefix('n/a ')}, {pooled.get('ci_method', '?')})")
     comparison = out / "compare" / "comparison.md"
     if comparison.exists():
         print("\n" + comparison.read_text())

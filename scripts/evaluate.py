@@ -1,9 +1,15 @@
 """Score a cohort with saved cross-validation fold models: the fold models' probabilities are averaged.
 
 Outputs under ``<output_dir>/evaluation/``: ``predictions.csv`` (slide, label, ensemble probability and
-each fold model's probability), ``summary.json`` (AUC with a 95% bootstrap interval, threshold metrics
+each fold model's probability), ``summary.json`` (AUC with a 95% patient-level stratified bootstrap interval, threshold metrics
 at 0.5 and at the mean of the folds' validation thresholds, and the same per fold model) and ``roc.png``.
 Slides without a label are predicted but left out of the metrics.
+
+The cohort must be held out: every fold checkpoint records the patients it was trained and validated
+on, and a cohort sharing a patient with any of them is refused (:class:`OverlapError`; scoring those
+slides would be an in-sample result, e.g. AUC 1.000 on pure-noise labels). ``allow_overlap=True``
+(``--allow_overlap true``) scores it anyway and stamps ``"overlap"`` with ``"in_sample": true`` into
+``summary.json``. There is no default cohort in ``configs/evaluate.json``: give ``--datalist``.
 """
 
 from __future__ import annotations
@@ -14,13 +20,31 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from scripts.errors import BundleError
+from scripts.heldout import OverlapError, check_overlap  # noqa: F401 (OverlapError: part of this API)
 from scripts.io_utils import write_csv, write_json
-from scripts.metrics import classification_report, nan_to_none, plot_roc
+from scripts.metrics import classification_report, format_ci, nan_to_none, plot_roc
 from scripts.mil_data import Bag, feature_dim
 from scripts.formats.checkpoints import find_fold_checkpoints
 from scripts.training import load_checkpoint, predict
 
 logger = logging.getLogger(__name__)
+
+
+class MissingCohortError(BundleError):
+    """No cohort to evaluate was given."""
+
+
+def evaluation_bags(datalist, features_dir=None, **kwargs):
+    """Bags of the cohort to evaluate (``scripts.mil_data.bags_from_datalist``); refuses an empty datalist."""
+    from scripts.mil_data import bags_from_datalist
+
+    if datalist in (None, "") or str(datalist).strip() == "":
+        raise MissingCohortError(
+            "configs/evaluate.json: no cohort to evaluate; give a held-out datalist with --datalist other.csv "
+            "(there is no default: the training cohort would be scored by models that saw it)"
+        )
+    return bags_from_datalist(datalist, features_dir, **kwargs)
 
 
 def find_fold_models(models_dir: str | Path) -> list[Path]:
@@ -35,14 +59,20 @@ def evaluate_cohort(
     device: Any = "cpu",
     batch_size: int = 12,
     n_bootstrap: int = 2000,
+    allow_overlap: bool = False,
 ) -> dict:
-    """Predict ``bags`` with every fold model of ``models_dir``, average, compute metrics, write files."""
+    """Predict ``bags`` with every fold model of ``models_dir``, average, compute metrics, write files.
+
+    Refuses (:class:`OverlapError`) a cohort sharing patients with any fold model's training or
+    validation data unless ``allow_overlap``.
+    """
     out_dir = Path(output_dir) / "evaluation"
     paths = find_fold_models(models_dir)
     dim = feature_dim(bags)
+    loaded = [(path, *load_checkpoint(path, device)) for path in paths]
+    overlap = check_overlap(bags, [(p.parent.name, c) for p, _, c in loaded], models_dir, allow_overlap=allow_overlap)
     fold_probs, thresholds, names = [], [], []
-    for path in paths:
-        model, checkpoint = load_checkpoint(path, device)
+    for path, model, checkpoint in loaded:
         expected = checkpoint.get("feature_dim")
         if expected is not None and int(expected) != dim:
             raise ValueError(f"{path} was trained on {expected}-d features but this cohort has {dim}-d features; use the same encoder")
@@ -66,19 +96,22 @@ def evaluate_cohort(
         "n_labelled": len(labelled),
         "skipped_slides": list(getattr(bags, "skipped", [])),
         "threshold": threshold,
+        "overlap": overlap,
     }
     curves = {}
     if labelled:
-        summary["ensemble"] = classification_report(labels, probs[labelled], threshold, n_boot=n_bootstrap)
+        patients = [bags[i].patient_id for i in labelled]
+        summary["ensemble"] = classification_report(labels, probs[labelled], threshold, n_boot=n_bootstrap, groups=patients)
         summary["fold_models_metrics"] = {
-            name: classification_report(labels, p[labelled], t, n_boot=n_bootstrap)
+            name: classification_report(labels, p[labelled], t, n_boot=n_bootstrap, groups=patients)
             for name, p, t in zip(names, fold_probs, thresholds)
         }
         curves = {name: (labels, p[labelled]) for name, p in zip(names, fold_probs)}
         curves["ensemble"] = (labels, probs[labelled])
         logger.info(
-            "evaluation of %d slides with %d fold models: AUC %.3f (95%% CI %s)",
-            len(labelled), len(paths), summary["ensemble"]["auc"], summary["ensemble"]["auc_ci"],
+            "evaluation of %d slides with %d fold models: AUC %s (95%% CI: %s)",
+            len(labelled), len(paths), format_ci(summary["ensemble"]["auc"], summary["ensemble"]["auc_ci"]),
+            summary["ensemble"]["ci_method"],
         )  # fmt: skip
     else:
         logger.warning("no slide has a label: predictions only, no metrics")

@@ -172,7 +172,7 @@ class FeatureExtractionWorkflow:
         self.compile = bool(compile)
         self.distributed = distributed
         self.progress = bool(progress)
-        self.write_pt_files = bool(write_pt_files)
+        self.write_pt_files = _flag(write_pt_files)
 
     # ------------------------------------------------------------------------------------- entry
     def run(self) -> list[dict]:
@@ -385,3 +385,10 @@ class FeatureExtractionWorkflow:
         for row in rows:
             counts[row["status"]] = counts.get(row["status"], 0) + 1
         logger.info("feature extraction: %s", ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+
+
+def _flag(value) -> bool:
+    """A true/false option; on the command line ``false`` arrives as the string "false"."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no", "")
+    return bool(value)

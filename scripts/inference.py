@@ -41,7 +41,10 @@ from torch import nn
 from scripts.formats.checkpoints import CheckpointError, load_into_network, resolve_checkpoints  # noqa: F401
 from scripts.attention_outputs import write_slide_outputs
 from scripts.datalist import SlideRecord, load_datalist
-from scripts.formats.feature_file import patch_geometry, read_features  # noqa: F401 - read_features re-exported
+from scripts.formats.feature_file import (  # noqa: F401 - read_features re-exported
+    OVERRIDE, FeatureExpectation, FeatureFileError, check_features, feature_candidates, feature_info,
+    find_feature_file, patch_geometry, read_features,
+)
 from scripts.io_utils import write_csv
 
 logger = logging.getLogger(__name__)
@@ -213,6 +216,14 @@ class SlideInference:
         feature_stage: callable ``(record, patch_file) -> (feature_file, seconds)``, or None.
         top_k: patches in the top-k picture (0 = none).
         thumbnail_size: longer side of the heat-map thumbnail in pixels.
+        feature_dirs: folders of existing feature files (CLAM's results folder with ``h5_files/`` /
+            ``pt_files/``, a TRIDENT job's magnification folder with ``features_<encoder>/``), searched
+            after the datalist's ``features`` column and before the patch/feature stages
+            (:func:`scripts.formats.feature_file.find_feature_file`).
+        feature_checks: refuse features whose encoder, feature dimension or patch scale differ from what
+            the models were trained on (False: warn and go on, at the user's risk).
+        patch_size, target_mpp: the configured patch (pixels at µm/px): the last resort for the level-0
+            patch size of features without it, and the expected scale for checkpoints that do not record one.
     """
 
     def __init__(
@@ -228,6 +239,10 @@ class SlideInference:
         feature_stage: Callable | None = None,
         top_k: int = 8,
         thumbnail_size: int = 1024,
+        feature_dirs: Sequence[str | Path] | str | None = None,
+        feature_checks: bool = True,
+        patch_size: int | None = None,
+        target_mpp: float | None = None,
     ) -> None:
         self.dataset = dataset
         self.network_def = network_def
@@ -242,6 +257,13 @@ class SlideInference:
         self.thumbnail_size = int(thumbnail_size)
         self.models: list[nn.Module] = []
         self.model_extras: list[dict] = []
+        dirs = [feature_dirs] if isinstance(feature_dirs, (str, Path)) else list(feature_dirs or [])
+        self.feature_dirs = [Path(d) for d in dirs if d not in (None, "")]
+        self.feature_checks = _flag(feature_checks)
+        settings = getattr(patch_stage, "settings", None)
+        self.patch_size = patch_size if patch_size is not None else getattr(settings, "patch_size", None)
+        self.target_mpp = target_mpp if target_mpp is not None else getattr(settings, "target_mpp", None)
+        self.expected = FeatureExpectation()
 
     # -------------------------------------------------------------------------------------------- setup
     def load_models(self) -> None:
@@ -255,6 +277,14 @@ class SlideInference:
             fold_thresholds = [float(e["threshold"]) for e in self.model_extras
                                if isinstance(e.get("threshold"), (int, float)) and math.isfinite(e["threshold"])]
             self.threshold = float(np.mean(fold_thresholds)) if fold_thresholds else 0.5
+        self.expected = FeatureExpectation.from_checkpoints(self.model_extras)
+        if self.expected.feature_dim is None:
+            dims = {int(e["feature_dim"]) for e in self.model_extras if isinstance(e.get("feature_dim"), int)}
+            self.expected.feature_dim = dims.pop() if len(dims) == 1 else None
+        if self.expected.target_mpp is None and self.target_mpp:
+            self.expected.target_mpp = float(self.target_mpp)  # checkpoints without a record: the configured scale
+            if self.expected.patch_size is None and self.patch_size:
+                self.expected.patch_size = int(self.patch_size)
         logger.info("%d model(s) from %s; threshold %.3f", len(self.models),
                     ", ".join(str(p) for p in paths), self.threshold)
 
@@ -282,7 +312,9 @@ class SlideInference:
         try:
             feature_file = self._features_for(record, result.timings)
             start = time.perf_counter()
-            features, coords = read_features(feature_file)
+            geometry = self._check_features(record, feature_file)
+            features, coords = read_features(feature_file, slide_id=record.slide_id,
+                                             patch_folders=[self.output_dir / "patches"])
             result.n_patches = int(features.shape[0])
             probability, attention, _ = predict_bag(self.models, features, self.device, self.inferer)
             del features
@@ -290,7 +322,7 @@ class SlideInference:
             result.probability = probability
             result.predicted_label = int(probability >= self.threshold)
             start = time.perf_counter()
-            self._write_outputs(record, feature_file, coords, attention, probability)
+            self._write_outputs(record, feature_file, coords, attention, probability, geometry)
             result.timings["outputs"] = time.perf_counter() - start
         except Exception as error:  # noqa: BLE001 - one bad slide never stops the batch
             result.status, result.error = "failed", " ".join(str(error).split())[:500] or type(error).__name__
@@ -298,25 +330,71 @@ class SlideInference:
         return result
 
     def _features_for(self, record: SlideRecord, timings: dict) -> Path:
-        if record.features is not None and Path(record.features).suffix in (".h5", ".hdf5"):
+        """The datalist's ``features`` file, else one found in ``feature_dirs``, else the patch and feature
+        stages (which reuse complete files), else ``<output_dir>/features/<slide_id>.h5|.pt``."""
+        if record.features is not None:
+            if not Path(record.features).is_file():
+                raise FeatureFileError(f"feature file {record.features} of slide {record.slide_id} (datalist column "
+                                       "'features') does not exist")
             return Path(record.features)
-        existing = self.output_dir / "features" / f"{record.slide_id}.h5"
+        found = find_feature_file(record.slide_id, None, None, self.feature_dirs) if self.feature_dirs else None
+        if found is not None:
+            return found
         if self.patch_stage is None or self.feature_stage is None:
-            if existing.is_file():
+            existing = find_feature_file(record.slide_id, None, self.output_dir)
+            if existing is not None:
                 return existing
-            raise FileNotFoundError(f"no features for slide {record.slide_id} ({existing} is missing) and the "
-                                    "inference config has no patch/feature stage")
+            looked = feature_candidates(record.slide_id, self.output_dir, self.feature_dirs)
+            raise FileNotFoundError(f"no features for slide {record.slide_id} (looked for {', '.join(map(str, looked))}) "
+                                    "and the inference config has no patch/feature stage")
         patch_file, patch_timings = self.patch_stage(record)
         timings.update(patch_timings)
         feature_file, seconds = self.feature_stage(record, patch_file)
         timings["features"] = seconds
         return Path(feature_file)
 
+    def _geometry(self, record: SlideRecord, feature_file: Path, info):
+        geometry = patch_geometry(feature_file, record.slide_id, self.output_dir, record.mpp, self.patch_size,
+                                  self.target_mpp, info)
+        if geometry.footprint_um is None and record.mpp is None \
+                and record.path is not None and Path(record.path).exists():
+            try:  # the slide's own mpp (CLAM files do not record it)
+                with open_slide_for_outputs(record.path, record.slide_id) as slide:
+                    mpp = slide.mpp
+            except Exception:  # noqa: BLE001 - the outputs step reports an unreadable slide
+                mpp = None
+            if mpp:
+                geometry = patch_geometry(feature_file, record.slide_id, self.output_dir, mpp, self.patch_size,
+                                          self.target_mpp, info)
+        return geometry
+
+    def _check_features(self, record: SlideRecord, feature_file: Path):
+        """Encoder, dimension, rows and scale of the slide's features vs the models; returns the geometry."""
+        info = feature_info(feature_file)
+        geometry = self._geometry(record, feature_file, info)
+        try:
+            for note in check_features(info, self.expected, geometry):
+                logger.info("%s: %s", record.slide_id, note)
+        except FeatureFileError as error:
+            if self.feature_checks or "no override" in str(error):
+                raise
+            logger.warning("%s: %s (feature_checks=false: going on)", record.slide_id, error)
+        return geometry
+
     def _write_outputs(self, record: SlideRecord, feature_file: Path, coords: np.ndarray, attention: np.ndarray,
-                       probability: float) -> None:
-        patch_size_level0 = _patch_size_level0(feature_file, self.output_dir / "patches" / f"{record.slide_id}.h5")
+                       probability: float, geometry=None) -> None:
+        if geometry is None:
+            geometry = self._geometry(record, feature_file, feature_info(feature_file))
+        if geometry.patch_size_level0 is None:
+            raise FeatureFileError(
+                f"{feature_file}: cannot tell the patch size in level-0 pixels: the file has no patch_size_level0 "
+                f"(or CLAM patch_level/downsample) attribute, no patch file was found beside it or in "
+                f"{self.output_dir / 'patches'}, and the slide's mpp is unknown; put the patches/ folder beside the "
+                "features, or give the slide's mpp in the datalist")
+        patch_size_level0 = float(geometry.patch_size_level0)
+        logger.debug("%s: patch size %.1f level-0 px from %s", record.slide_id, patch_size_level0, geometry.source)
         attrs = {"probability": probability, "threshold": float(self.threshold), "n_models": len(self.models),
-                 "feature_file": str(feature_file)}
+                 "feature_file": str(feature_file), "patch_size_level0_source": geometry.source}
         if record.path is None:  # features only: no slide to draw on; attention and GeoJSON still written
             from scripts.attention_outputs import write_attention_h5, write_geojson
 
@@ -348,15 +426,11 @@ class SlideInference:
             logger.error("[%d/%d] %s: FAILED (%s)%s", i, n, result.slide_id, result.error, f" | {times}" if times else "")
 
 
-def _patch_size_level0(feature_file: Path, patch_file: Path) -> float:
-    """Level-0 side of one patch, from the feature file's attributes or the patch file beside it
-    (:func:`scripts.formats.feature_file.patch_geometry`)."""
-    slide_id = patch_file.name[: -len("_patches.h5")] if patch_file.name.endswith("_patches.h5") else patch_file.stem
-    geometry = patch_geometry(feature_file, slide_id, patch_file.parent.parent)
-    if geometry.patch_size_level0 is None:
-        raise ValueError(f"cannot tell the patch size in level-0 pixels: neither {feature_file} nor {patch_file} has a "
-                         "'patch_size_level0' attribute (re-run preprocessing)")
-    return geometry.patch_size_level0
+def _flag(value) -> bool:
+    """A true/false option; on the command line ``false`` arrives as the string "false"."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no", "")
+    return bool(value)
 
 
 # -------------------------------------------------------------------------------------------------- CLI

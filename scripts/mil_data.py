@@ -25,7 +25,8 @@ from torch.utils.data import Dataset
 
 from scripts.datalist import load_datalist
 from scripts.formats.feature_file import (  # noqa: F401 - the one home of feature files; re-exported here
-    FEATURE_SUFFIXES, FeatureFileError, feature_shape, load_features,
+    FEATURE_SUFFIXES, FeatureFileError, FeatureMismatchError, cohort_record, feature_info, feature_shape,
+    find_feature_file, load_features, patch_geometry,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class BagList(list):
     """A list of bags that also remembers the datalist's ``skipped`` slides (id: reason)."""
 
     skipped: list[str]
+    feature_record: dict
 
 
 def feature_dim(bags: Sequence[Bag]) -> int:
@@ -75,36 +77,55 @@ def bags_from_datalist(
 ) -> BagList:
     """The bags of a datalist whose feature file exists and is readable.
 
-    A row's features are its ``features`` column when set, else ``<features_dir>/<slide_id>.h5`` (or
-    ``.pt``). Slides without a usable feature file (failed extraction) are reported in one warning and
-    skipped; if none is left, the error says where the files were looked for.
+    A row's features are its ``features`` column when set, else found under ``features_dir`` by
+    :func:`scripts.formats.feature_file.find_feature_file` (``<slide_id>.h5`` / ``.pt``, CLAM's
+    ``h5_files/`` and ``pt_files/``, TRIDENT's ``features_<encoder>/``). Slides without a usable feature file
+    (failed extraction) are reported in one warning and skipped; if none is left, the error says where the
+    files were looked for. A cohort that mixes feature sizes, encoders or patch scales is refused.
+    The returned list's ``feature_record`` (encoder, feature_dim, target_mpp) goes into each fold checkpoint.
     """
     records = load_datalist(datalist, require_labels=require_labels, check_files=False, require_slides=False)
     features_dir = None if features_dir in (None, "") else Path(features_dir)
     bags: list[Bag] = []
     skipped: list[str] = []
     dims: dict[int, str] = {}
+    described = []
     for record in records:
-        path = record.features
-        if path is None and features_dir is not None:
-            candidates = [features_dir / f"{record.slide_id}{suffix}" for suffix in FEATURE_SUFFIXES]
-            path = next((c for c in candidates if c.is_file()), candidates[0])
-        if path is None:
+        if record.features is None and features_dir is None:
             skipped.append(f"{record.slide_id}: no 'features' column value and no features_dir given")
             continue
+        try:
+            path = find_feature_file(record.slide_id, record.features, None, [features_dir] if features_dir else [])
+        except FeatureFileError as error:
+            skipped.append(f"{record.slide_id}: {error}")
+            continue
+        if path is None:
+            path = features_dir / f"{record.slide_id}.h5"
         if not path.is_file():
             skipped.append(f"{record.slide_id}: {path} does not exist")
             continue
         try:
             n, d = feature_shape(path)
+            info = feature_info(path)
         except (FeatureFileError, RuntimeError, OSError) as error:
             skipped.append(f"{record.slide_id}: {error}")
             continue
+        geometry = None
+        if info.patch is not None or info.layout != "bundle":
+            try:
+                geometry = patch_geometry(path, record.slide_id, None, slide_mpp=record.mpp, info=info)
+            except Exception:  # noqa: BLE001 - a scale we cannot tell is not checked
+                geometry = None
+        described.append((record.slide_id, info, geometry))
         dims.setdefault(d, record.slide_id)
         bags.append(Bag(record.slide_id, record.label, record.patient_id, record.center, features_path=path))
     if len(dims) > 1:
         listed = ", ".join(f"{d} (e.g. {s})" for d, s in dims.items())
         raise FeatureFileError(f"datalist {datalist}: feature files disagree on the feature size: {listed}; use one encoder")
+    try:
+        feature_record = cohort_record(described)
+    except FeatureMismatchError as error:
+        raise FeatureMismatchError(f"datalist {datalist}: {error}") from None
     if skipped:
         logger.warning(
             "%d of %d slide(s) in %s have no usable features and are skipped:\n  %s",
@@ -115,6 +136,7 @@ def bags_from_datalist(
         raise FeatureFileError(f"no slide of {datalist} has a usable feature file{where}; run feature extraction first")
     result = BagList(bags)
     result.skipped = skipped
+    result.feature_record = feature_record
     return result
 
 

@@ -3,18 +3,29 @@
 ``splits.json``::
 
     {"n_folds": 5, "seed": 0, "val_fraction": 0.2, "grouped_by": "patient_id",
+     "stratification": "label, patient-grouped; validation holds both classes when possible",
      "folds": [{"fold": 0, "train": [slide ids], "val": [...], "test": [...]}, ...]}
 
 The test folds come from ``StratifiedGroupKFold`` (stratified by label, grouped by patient); inside
-each fold's training part a validation split (also stratified and grouped by patient) is held out for
-early stopping, checkpoint selection and the operating threshold. A user-supplied file with the same
-layout is checked (every slide known, no patient shared between train/val/test of one fold) and used.
+each fold's training part a validation split (also stratified by label and grouped by patient) is held
+out for early stopping, checkpoint selection and the operating threshold. Of the inner patient-grouped
+splits the first one whose validation *and* training parts both hold the two classes is used (a small
+cohort or centre can make the first inner split one-class); when none does, training warns about the
+fallback (selection on validation loss, threshold 0.5) and the summary counts such folds.
+
+The settings a file was made with (``n_folds``, ``seed``, ``val_fraction``, ``stratification``) are
+stored in it. An ``<output_dir>/splits.json`` left by an earlier run is reused only when they match
+the requested settings (and the slides match); otherwise new splits are made and a warning names the
+difference. A splits file given explicitly (``splits_file``) that records different settings is an
+error (:class:`SplitError`) naming the difference. A user-supplied file with the same layout is checked
+(every slide known, no patient shared between train/val/test of one fold) and used.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +37,8 @@ from scripts.io_utils import write_json
 from scripts.mil_data import Bag
 
 logger = logging.getLogger(__name__)
+
+STRATIFICATION = "label, patient-grouped; validation holds both classes when possible"
 
 
 class SplitError(BundleError, ValueError):
@@ -49,7 +62,8 @@ def make_splits(bags: Sequence[Bag], n_folds: int = 5, val_fraction: float = 0.2
     for k, (train_val, test) in enumerate(outer.split(ids, labels, groups)):
         train, val = _validation_split(train_val, labels, groups, val_fraction, seed + 1000 + k)
         folds.append({"fold": k, "train": ids[train].tolist(), "val": ids[val].tolist(), "test": ids[test].tolist()})
-    splits = {"n_folds": n_folds, "seed": seed, "val_fraction": val_fraction, "grouped_by": "patient_id", "folds": folds}
+    splits = {"n_folds": n_folds, "seed": seed, "val_fraction": val_fraction, "grouped_by": "patient_id",
+              "stratification": STRATIFICATION, "folds": folds}  # fmt: skip
     check_splits(splits, bags)
     return splits
 
@@ -60,9 +74,36 @@ def _validation_split(indices: np.ndarray, labels: np.ndarray, groups: np.ndarra
     n_splits = min(n_splits, len(set(sub_groups.tolist())))
     if n_splits < 2:
         raise SplitError("a training fold has a single patient; cannot hold out a validation patient")
-    inner = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    train, val = next(inner.split(indices, labels[indices], sub_groups))
+    first = None
+    for attempt in range(5):  # inner splits in order, then reshuffled: the first with both classes on each side
+        inner = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed + 7919 * attempt)
+        for train, val in inner.split(indices, labels[indices], sub_groups):
+            if first is None:
+                first = (train, val)
+            if len(set(labels[indices[val]].tolist())) == 2 and len(set(labels[indices[train]].tolist())) == 2:
+                return indices[train], indices[val]
+    train, val = first  # one class in every candidate (e.g. one positive patient): training warns about it
     return indices[train], indices[val]
+
+
+def settings_difference(splits: dict, n_folds: int, val_fraction: float, seed: int, require_all: bool = True) -> list[str]:
+    """How the settings recorded in ``splits`` differ from the requested ones (empty when they agree).
+
+    ``require_all``: a setting the file does not record counts as a difference (files written by this
+    module record all four); otherwise only recorded settings are compared (hand-made files).
+    """
+    requested = {"n_folds": int(n_folds), "seed": int(seed), "val_fraction": float(val_fraction), "stratification": STRATIFICATION}
+    out = []
+    for key, want in requested.items():
+        if key not in splits:
+            if require_all:
+                out.append(f"{key} not recorded (requested {want!r})")
+            continue
+        have = splits[key]
+        same = math.isclose(float(have), want) if key == "val_fraction" and isinstance(have, (int, float)) else have == want
+        if not same:
+            out.append(f"{key} {have!r} in the file, {want!r} requested")
+    return out
 
 
 def check_splits(splits: dict, bags: Sequence[Bag]) -> None:
@@ -125,8 +166,10 @@ def load_or_make_splits(
 ) -> dict:
     """The splits to use, always also saved as ``<output_dir>/splits.json``.
 
-    ``splits_file`` given: read, checked against the cohort and used. Otherwise an existing
-    ``<output_dir>/splits.json`` is reused when it fits the cohort (same slides), else new splits are made.
+    ``splits_file`` given: read, checked against the cohort and the requested settings (settings it
+    records must match, else :class:`SplitError`) and used. Otherwise an existing
+    ``<output_dir>/splits.json`` is reused when it fits the cohort (same slides) and was made with the
+    requested settings, else new splits are made (with a warning naming the difference).
     """
     target = Path(output_dir) / "splits.json"
     source = Path(splits_file) if splits_file not in (None, "") else None
@@ -140,13 +183,26 @@ def load_or_make_splits(
             splits = json.loads(Path(source).read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise SplitError(f"cannot read splits {source}: {error}") from error
+        if not isinstance(splits, dict):
+            raise SplitError(f"{source} is not a splits file (a JSON object with 'folds'); see scripts/splits.py")
+        difference = settings_difference(splits, n_folds, val_fraction, seed, require_all=reuse)
         if reuse:
             listed = {s for f in splits.get("folds", []) for part in ("train", "val", "test") for s in f.get(part, [])}
             if listed != {b.bag_id for b in bags}:
                 logger.warning("%s was made for another set of slides; making new splits", source)
                 splits = None
+            elif difference:
+                logger.warning("%s was made with other settings (%s); making new splits with the requested ones",
+                               source, "; ".join(difference))  # fmt: skip
+                splits = None
             else:
                 logger.info("reusing splits %s", source)
+        elif difference:
+            raise SplitError(
+                f"splits file {source} was made with other settings than requested: {'; '.join(difference)}. "
+                "Request the file's settings (--n_folds/--seed/--val_fraction), or leave --splits empty to make "
+                "new splits."
+            )
         if splits is not None:
             splits = restrict_splits(splits, bags)
             check_splits(splits, bags)

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 
 from scripts.formats.checkpoints import build_from_checkpoint, copy_checkpoint, network_spec, save_checkpoint
 from scripts.io_utils import write_csv, write_json
-from scripts.metrics import classification_report, nan_to_none, plot_roc, youden_threshold
+from scripts.metrics import classification_report, format_ci, nan_to_none, plot_roc, youden_threshold
 from scripts.distributed import broadcast_buffers, is_main_process, unwrap, wrap_ddp
 from scripts.mil_data import Bag, BagDataset, collate_bags, feature_dim
 
@@ -497,9 +497,17 @@ def run_cross_validation(
         val_probs = predict(model, val, settings.eval_batch_size or settings.batch_size) if val else np.zeros(0)
         val_labels = [b.label for b in val]
         threshold = youden_threshold(val_labels, val_probs) if val else 0.5
+        one_class_val = len(set(val_labels)) < 2
+        if one_class_val and is_main_process():
+            logger.warning(
+                "fold %d: the validation set (%d slides) has %s; fallback: checkpoint selection and early stopping "
+                "on the validation loss, operating threshold 0.5 (no Youden threshold)",
+                k, len(val), f"only label {val_labels[0]}" if val else "no slides",
+            )  # fmt: skip
         test_probs = predict(model, test, settings.eval_batch_size or settings.batch_size)
         test_labels = [b.label for b in test]
-        report = classification_report(test_labels, test_probs, threshold, n_boot=n_bootstrap, seed=k)
+        report = classification_report(test_labels, test_probs, threshold, n_boot=n_bootstrap, seed=k,
+                                       groups=[b.patient_id for b in test])
         fold_rows.append(
             {
                 "fold": k,
@@ -511,6 +519,7 @@ def run_cross_validation(
                 "val_loss": history["best_val_loss"],
                 "n_train": len(train),
                 "n_val": len(val),
+                "val_one_class": one_class_val,
                 "seconds": history["seconds"],
             }
         )
@@ -529,7 +538,8 @@ def run_cross_validation(
                 fold_dir / "model.pt", model, metadata=fold_metadata(train, val, test), network=history["network"],
                 fold=k, threshold=threshold, best_epoch=history["best_epoch"], val_auc=history["best_val_auc"],
                 feature_dim=feature_dim(train),
-            )  # fmt: skip
+                features=dict(getattr(bags, "feature_record", None) or {}, feature_dim=feature_dim(train)),
+            )  # fmt: skip  (features: encoder / feature_dim / target_mpp / patch_size, checked at inference)
             write_csv(fold_dir / "history.csv", history["epochs"])
             val_rows = [{"slide_id": b.bag_id, "label": b.label, "prob": float(p), "part": "val"} for b, p in zip(val, val_probs)]
             test_rows = [{"slide_id": r["slide_id"], "label": r["label"], "prob": r["prob"], "part": "test"} for r in rows]
@@ -539,7 +549,8 @@ def run_cross_validation(
 
     labels = [r["label"] for r in predictions]
     probs = [r["prob"] for r in predictions]
-    pooled = classification_report(labels, probs, [r["threshold"] for r in predictions], n_boot=n_bootstrap, seed=12345)
+    pooled = classification_report(labels, probs, [r["threshold"] for r in predictions], n_boot=n_bootstrap, seed=12345,
+                                   groups=[r["patient_id"] for r in predictions])
     best_fold = max(fold_rows, key=lambda r: (_finite(r["val_auc"]), -_finite(r["val_loss"], math.inf)))["fold"]
     summary = {
         "network": histories[0]["network"] if histories else None,
@@ -552,6 +563,7 @@ def run_cross_validation(
         "std": _aggregate(fold_rows, lambda v: np.nanstd(v, ddof=1) if np.isfinite(v).sum() > 1 else math.nan),
         "pooled": pooled,
         "best_fold": best_fold,
+        "n_folds_one_class_validation": sum(bool(r["val_one_class"]) for r in fold_rows),
         "seconds": time.perf_counter() - total_start,
     }
     summary = nan_to_none(summary)
@@ -564,16 +576,18 @@ def run_cross_validation(
         plot_roc(curves, cv_dir / "roc.png", title="Cross-validation ROC (test folds)")
         copy_checkpoint(cv_dir / f"fold{best_fold}" / "model.pt", cv_dir / "model.pt")
         logger.info(
-            "cross-validation: mean AUC %.3f +- %.3f, pooled AUC %.3f; results in %s",
-            _finite(summary["mean"]["auc"]), _finite(summary["std"]["auc"]), _finite(pooled["auc"]), cv_dir,
+            "cross-validation: mean AUC %.3f +- %.3f, pooled AUC %s (95%% CI: %s); results in %s",
+            _finite(summary["mean"]["auc"]), _finite(summary["std"]["auc"]), format_ci(pooled["auc"], pooled["auc_ci"]),
+            pooled["ci_method"], cv_dir,
         )  # fmt: skip
     return CVResult(summary, predictions, models, histories)
 
 
 def fold_metadata(train: Sequence[Bag], val: Sequence[Bag], test: Sequence[Bag]) -> dict:
-    """Free-form ``metadata`` of a fold checkpoint: which slides trained, selected and tested it."""
+    """Free-form ``metadata`` of a fold checkpoint: which slides trained, selected and tested it
+    (with :func:`data_provenance`: the train/val slide and patient ids)."""
     return {
-        "n_train": len(train), "n_val": len(val), "n_test": len(test),
+        "n_train": len(train), "n_val": len(val), "n_test": len(test), **data_provenance(train, val),
     }  # fmt: skip
 
 
@@ -712,10 +726,22 @@ def config_train_all(bags: Sequence[Bag], output_dir: str | Path, parser=None) -
     model, history = train_from_config(parser, list(bags), [], final, int(parser.get_parsed_content("seed")),
                                        run_name="final", bags=bags)
     if is_main_process():
-        save_checkpoint(final / "model.pt", model, metadata={"n_train": len(bags)}, network=history["network"],
+        save_checkpoint(final / "model.pt", model, metadata={"n_train": len(bags), **data_provenance(list(bags), [])},
+                        network=history["network"],
                         threshold=0.5, best_epoch=history["best_epoch"], feature_dim=feature_dim(bags))
         write_csv(final / "history.csv", history["epochs"])
     return final / "model.pt"
+
+
+def data_provenance(train: Sequence[Bag], val: Sequence[Bag]) -> dict:
+    """The slide and patient ids a fold model was trained and validated on (``scripts.heldout`` checks
+    cohorts against them; ``scripts.evaluate`` refuses cohorts that share patients)."""
+    return {
+        "train_slide_ids": [b.bag_id for b in train],
+        "val_slide_ids": [b.bag_id for b in val],
+        "train_patient_ids": sorted({str(b.patient_id) for b in train}),
+        "val_patient_ids": sorted({str(b.patient_id) for b in val}),
+    }
 
 
 def _finite(value, default: float = -1.0) -> float:

@@ -133,10 +133,11 @@ def run_transfer(
                      "patient_id": b.patient_id, "label": b.label, "prob": float(p), "threshold": threshold}
                     for b, p in zip(test, probs)
                 )  # fmt: skip
-                cell = _score([b.label for b in test], probs, threshold, n_bootstrap)
+                cell = _score([b.label for b in test], probs, threshold, n_bootstrap, [b.patient_id for b in test])
             row[test_center] = cell["auc"]
             long_rows.append({"method": method, "train_center": train_center, "test_center": test_center, **cell})
-        cell = _score([b.label for b, _ in others], [p for _, p in others], threshold, n_bootstrap) if others else {"auc": None, "note": "no other centre"}
+        cell = _score([b.label for b, _ in others], [p for _, p in others], threshold, n_bootstrap,
+                      [b.patient_id for b, _ in others]) if others else {"auc": None, "note": "no other centre"}
         row[OTHERS] = cell["auc"]
         long_rows.append({"method": method, "train_center": train_center, "test_center": OTHERS, **cell})
         row["seconds"] = round(time.perf_counter() - start, 1)
@@ -155,13 +156,13 @@ def run_transfer(
     return matrix_rows
 
 
-def _score(labels, probs, threshold: float, n_bootstrap: int) -> dict:
+def _score(labels, probs, threshold: float, n_bootstrap: int, patients=None) -> dict:
     labels = [int(x) for x in labels]
-    report = classification_report(labels, probs, threshold, n_boot=n_bootstrap, seed=0)
+    report = classification_report(labels, probs, threshold, n_boot=n_bootstrap, seed=0, groups=patients)
     note = "" if math.isfinite(report["auc"]) else "one class only: AUC undefined"
     ci = report["auc_ci"]
     return {
-        "auc": report["auc"], "auc_ci_low": ci[0], "auc_ci_high": ci[1], "n": report["n"], "n_positive": report["n_positive"],
+        "auc": report["auc"], "auc_ci_low": ci[0], "auc_ci_high": ci[1], "ci_method": report["ci_method"], "n": report["n"], "n_positive": report["n_positive"],
         "accuracy": report["at_val_threshold"]["accuracy"], "f1": report["at_val_threshold"]["f1"], "note": note,
     }  # fmt: skip
 
@@ -187,7 +188,7 @@ def _diagonal(diagonal, factory, own, settings, cv_folds, val_fraction, seed, n_
     pooled = result.summary["pooled"]
     ci = pooled.get("auc_ci") or [None, None]
     return {
-        "auc": pooled["auc"], "auc_ci_low": ci[0], "auc_ci_high": ci[1], "n": pooled["n"], "n_positive": pooled["n_positive"],
+        "auc": pooled["auc"], "auc_ci_low": ci[0], "auc_ci_high": ci[1], "ci_method": pooled.get("ci_method"), "n": pooled["n"], "n_positive": pooled["n_positive"],
         "accuracy": (pooled.get("at_val_threshold") or {}).get("accuracy"), "f1": (pooled.get("at_val_threshold") or {}).get("f1"),
         "note": f"within-centre {folds}-fold CV, pooled out-of-fold",
     }  # fmt: skip

@@ -25,6 +25,10 @@ def test_musk1_quick_benchmark(shared_mil):
     assert len(result["accuracy_per_fold"]) == 5
     assert result["accuracy_mean"] >= 0.8, result["accuracy_per_fold"]
     assert result["auc_mean"] >= 0.85
+    floor = result["floor"]  # the pooled logistic-regression floor on the same folds, with the paired test
+    assert len(floor["accuracy_per_repeat"]) == 1 and 0.7 <= floor["accuracy_mean"] <= 1.0 and floor["auc_mean"] > 0.8
+    test = floor["paired_bootstrap"]
+    assert test["ci"][0] <= test["difference"] <= test["ci"][1] and 0.0 <= test["p_value"] <= 1.0
 
 
 def test_standardized_uses_training_bags_only():
@@ -48,6 +52,7 @@ def test_benchmark_commands_run(tmp_path, shared_mil, bundle_root):
     result = json.loads(out.read_text())
     assert {"accuracy_mean", "accuracy_sem", "auc_mean"} <= set(result) and result["network_kwargs"]["factor"] == 1.0
     assert result["settings"]["early_stopping"].startswith("none")
+    assert "floor (mean+max pooled" in done.stdout and "paired bootstrap" in done.stdout
     cmd = [sys.executable, "-m", "scripts.benchmarks.train_speed", "--bags", "6", "--instances", "50", "--dim", "16",
            "--batch_size", "3", "--devices", "cpu"]  # fmt: skip
     done = subprocess.run(cmd, cwd=bundle_root, capture_output=True, text=True, timeout=120)

@@ -67,31 +67,33 @@ def test_compare_ablation_transfer_bundle(tmp_path, bundle_root):
     cmp_dir = out / "compare"
     # comparison
     rows = {r["method"]: r for r in read_csv(cmp_dir / "comparison.csv")}
-    assert list(rows) == ["smile", "abmil_gated", "mean_pool"] and all(r["status"] == "ok" for r in rows.values())
+    assert list(rows) == ["smile", "abmil_gated", "mean_pool", "pooled_logreg"] and all(r["status"] == "ok" for r in rows.values())
+    assert rows["smile"]["ci_method"].startswith("patient bootstrap (stratified, 100)")
     pooled = [float(r["pooled_auc"]) for r in rows.values()]
     assert len(set(pooled)) > 1, pooled
     assert float(rows["smile"]["pooled_auc"]) > 0.75, rows["smile"]  # the sparse signal is learnt
-    for method in ("abmil_gated", "mean_pool"):
+    for method in ("abmil_gated", "mean_pool", "pooled_logreg"):
         for key in ("vs_smile_delong_p", "vs_smile_bootstrap_p", "vs_smile_delong_p_holm"):
             assert 0.0 <= float(rows[method][key]) <= 1.0, (method, key, rows[method][key])
     assert rows["smile"]["vs_smile_delong_p"] == ""  # no test of the reference against itself
     for r in rows.values():
         assert 0.0 <= float(r["accuracy"]) <= 1.0 and float(r["auc_std"]) >= 0.0
     oof = read_csv(cmp_dir / "oof_predictions.csv")
-    assert len(oof) == 30 and {"prob_smile", "prob_abmil_gated", "prob_mean_pool", "patient_id"} <= set(oof[0])
+    assert len(oof) == 30 and {"prob_smile", "prob_abmil_gated", "prob_mean_pool", "prob_pooled_logreg", "patient_id"} <= set(oof[0])
     assert len({row["prob_smile"] for row in oof}) > 5
     splits = json.loads((out / "splits.json").read_text())
     by_slide_fold = {row["slide_id"]: int(row["fold"]) for row in oof}
     for fold in splits["folds"]:
         assert all(by_slide_fold[s] == fold["fold"] for s in fold["test"])  # every method tested on the same folds
-    for method in rows:
+    for method in ("smile", "abmil_gated", "mean_pool"):  # (the pooled floor has no fold models)
         assert (cmp_dir / method / "cv" / "oof_predictions.csv").is_file()
         assert (cmp_dir / method / "cv" / "fold0" / "model.pt").is_file()
     markdown = (cmp_dir / "comparison.md").read_text()
     assert "| smile |" in markdown and "DeLong p" in markdown and "(reference)" in markdown
+    assert "| pooled_logreg |" in markdown and "patient bootstrap (stratified, 100)" in markdown
     assert (cmp_dir / "roc.png").stat().st_size > 1000
     result = json.loads((cmp_dir / "comparison.json").read_text())
-    assert set(result["paired"]) == {"abmil_gated", "mean_pool"}
+    assert set(result["paired"]) == {"abmil_gated", "mean_pool", "pooled_logreg"}
     # ablation: 2 x 2 grid, same splits; SMILE at threshold 0.5 / factor 0.3 is another cell than the comparison's 0.5 / 0.5
     grid = read_csv(out / "ablation" / "ablation.csv")
     assert [(float(r["threshold"]), float(r["factor"])) for r in grid] == [(0.5, 0.3), (0.5, 0.8), (0.7, 0.3), (0.7, 0.8)]
@@ -117,7 +119,7 @@ def test_every_method_on_musk1(tmp_path, bundle_root, shared_mil):
         "--num_threads", "1", "--n_bootstrap", "50", "--paired_bootstrap", "100", "--keep_fold_models", "false",
     )  # fmt: skip
     rows = {r["method"]: r for r in read_csv(out / "compare" / "comparison.csv")}
-    assert set(rows) == set(available_methods())
+    assert set(rows) == set(available_methods()) | {"pooled_logreg"}
     for name, row in rows.items():
         assert row["status"] == "ok", row
         assert int(row["n_slides"]) == 92 and 0.0 <= float(row["pooled_auc"]) <= 1.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ from scripts.training import TrainSettings, load_checkpoint, predict, run_cross_
 DIM = 24
 
 
-def make_cohort(root, n_slides=30, n_patients=20, missing=("s29",), seed=0):
+def make_cohort(root, n_slides=30, n_patients=20, missing=("s29",), seed=0, prefix=""):
     """~30 slides of ~20 patients; positive slides carry 4 shifted instances among 15-40 noise ones."""
     rng = np.random.default_rng(seed)
     (root / "out" / "features").mkdir(parents=True, exist_ok=True)
@@ -29,7 +30,7 @@ def make_cohort(root, n_slides=30, n_patients=20, missing=("s29",), seed=0):
     for i in range(n_slides):
         patient = i % n_patients
         label = patient % 2
-        slide_id = f"s{i:02d}"
+        slide_id = f"{prefix}s{i:02d}"
         x = rng.normal(size=(int(rng.integers(15, 40)), DIM)).astype(np.float32)
         if label:
             x[:4] += 2.0
@@ -37,7 +38,7 @@ def make_cohort(root, n_slides=30, n_patients=20, missing=("s29",), seed=0):
             with h5py.File(root / "out" / "features" / f"{slide_id}.h5", "w") as handle:
                 handle["features"] = x
                 handle["coords"] = np.zeros((len(x), 2), dtype=np.int64)
-        rows.append(f"{slide_id},slides/{slide_id}.tif,{label},p{patient:02d},c{patient % 3}")
+        rows.append(f"{slide_id},slides/{slide_id}.tif,{label},{prefix}p{patient:02d},c{patient % 3}")
     (root / "datalist.csv").write_text("\n".join(rows) + "\n")
     return root / "datalist.csv", root / "out"
 
@@ -76,7 +77,7 @@ def test_features_column_overrides_features_dir(tmp_path):
     assert bags[0].features_path == tmp_path / "x.pt" and bags[0].load().shape == (5, DIM)
 
 
-def test_patient_level_splits(tmp_path):
+def test_patient_level_splits(tmp_path, caplog):
     datalist, out = make_cohort(tmp_path)
     bags = bags_from_datalist(datalist, out / "features")
     splits = load_or_make_splits(bags, out, n_folds=5, seed=3)
@@ -91,8 +92,21 @@ def test_patient_level_splits(tmp_path):
             assert not (test_patients[i] & test_patients[j])
     assert sorted(s for f in splits["folds"] for s in f["test"]) == sorted(patient)
     assert json.loads((out / "splits.json").read_text()) == splits
-    # reused on the next call, even with another seed
-    assert load_or_make_splits(bags, out, n_folds=5, seed=99) == splits
+    assert splits["n_folds"] == 5 and splits["seed"] == 3 and splits["val_fraction"] == 0.2 and splits["stratification"]
+    # reused on the next call with the same settings
+    assert load_or_make_splits(bags, out, n_folds=5, seed=3) == splits
+    # other settings: new splits, with a warning naming the difference
+    with caplog.at_level(logging.WARNING, logger="scripts.splits"):
+        other = load_or_make_splits(bags, out, n_folds=4, seed=7, val_fraction=0.3)
+    assert "n_folds 5 in the file, 4 requested" in caplog.text and "seed 3 in the file, 7 requested" in caplog.text
+    assert "val_fraction" in caplog.text
+    assert (other["n_folds"], other["seed"], other["val_fraction"], len(other["folds"])) == (4, 7, 0.3, 4)
+    assert json.loads((out / "splits.json").read_text()) == other
+    # the same file given explicitly with other settings is an error naming the difference
+    (tmp_path / "given.json").write_text(json.dumps(splits))
+    with pytest.raises(SplitError, match="n_folds 5 in the file, 10 requested"):
+        load_or_make_splits(bags, tmp_path / "o2", splits_file=tmp_path / "given.json", n_folds=10, seed=3)
+    assert load_or_make_splits(bags, tmp_path / "o3", splits_file=tmp_path / "given.json", n_folds=5, seed=3) == splits
     # a user file that leaks a patient between train and test is refused
     leaky = json.loads(json.dumps(splits))
     moved = next(s for s in leaky["folds"][0]["test"] if sum(patient[t] == patient[s] for t in patient) > 1)
@@ -102,7 +116,7 @@ def test_patient_level_splits(tmp_path):
     leaky["folds"][0]["train"].append(partner)
     (tmp_path / "leaky.json").write_text(json.dumps(leaky))
     with pytest.raises(SplitError, match="in both train and test"):
-        load_or_make_splits(bags, tmp_path / "other", splits_file=tmp_path / "leaky.json")
+        load_or_make_splits(bags, tmp_path / "other", splits_file=tmp_path / "leaky.json", seed=3)
     with pytest.raises(SplitError, match="patient"):
         make_splits(bags[:3], n_folds=5)
 
@@ -168,20 +182,48 @@ def test_bundle_train_and_evaluate_workflows(tmp_path, bundle_root):
         patients_per_fold.setdefault(patient_id, set()).add(fold)
     assert all(len(folds) == 1 for folds in patients_per_fold.values())  # no patient in two test folds
     assert {s for f in splits["folds"] for s in f["test"]} == {r.split(",")[0] for r in rows[1:]}
+    by_slide = {r.split(",")[0]: r.split(",")[1] for r in rows[1:]}
     for k in range(5):
         model, checkpoint = load_checkpoint(cv / f"fold{k}" / "model.pt")
         assert checkpoint["network"]["name"] == "smile" and checkpoint["feature_dim"] == DIM
+        fold = splits["folds"][k]
+        assert checkpoint["metadata"]["train_slide_ids"] == fold["train"] and checkpoint["metadata"]["val_slide_ids"] == fold["val"]
+        assert checkpoint["metadata"]["train_patient_ids"] == sorted({by_slide[s] for s in fold["train"]})
+        assert checkpoint["metadata"]["val_patient_ids"] == sorted({by_slide[s] for s in fold["val"]})
     assert (cv / "roc.png").stat().st_size > 1000 and (cv / "model.pt").is_file()
 
+    assert summary["pooled"]["ci_method"] == "patient bootstrap (stratified, 200), percentile 95%"
+    assert summary["folds"][0]["ci_method"].startswith("patient bootstrap")
+
+    # a held-out cohort (other patients, same signal): the fold ensemble generalises to it
+    heldout, heldout_out = make_cohort(tmp_path / "heldout", n_slides=24, n_patients=24, missing=(), seed=1, prefix="h")
     evaluate = common + [
-        "--config_file", "configs/evaluate.json", "--datalist", str(datalist), "--output_dir", str(out),
-        "--n_bootstrap", "200",
+        "--config_file", "configs/evaluate.json", "--datalist", str(heldout), "--features_dir", str(heldout_out / "features"),
+        "--models_dir", str(cv), "--output_dir", str(heldout_out), "--n_bootstrap", "200",
     ]  # fmt: skip
     done = subprocess.run(evaluate, cwd=bundle_root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((out / "evaluation" / "summary.json").read_text())
-    assert len(result["fold_models"]) == 5 and result["n_slides"] == 29
-    assert result["ensemble"]["auc"] > 0.8  # (seen in training: only checks the plumbing)
+    result = json.loads((heldout_out / "evaluation" / "summary.json").read_text())
+    assert len(result["fold_models"]) == 5 and result["n_slides"] == 24
+    assert result["overlap"]["n_patients"] == 0 and not result["overlap"]["in_sample"]
+    assert result["ensemble"]["auc"] > 0.8  # out-of-sample: patients no fold model saw
+    assert result["ensemble"]["ci_method"].startswith("patient bootstrap (stratified, 200)")
+
+    # the training cohort itself is refused, naming the overlap and the fix; --allow_overlap true stamps it
+    in_sample = common + ["--config_file", "configs/evaluate.json", "--datalist", str(datalist), "--output_dir", str(out),
+                          "--n_bootstrap", "50"]  # fmt: skip
+    done = subprocess.run(in_sample, cwd=bundle_root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "20 of the cohort's 20 patients" in done.stderr and "--allow_overlap true" in done.stderr, done.stderr[-2000:]
+    assert not (out / "evaluation" / "summary.json").exists()
+    done = subprocess.run(in_sample + ["--allow_overlap", "true"], cwd=bundle_root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stamped = json.loads((out / "evaluation" / "summary.json").read_text())["overlap"]
+    assert stamped["in_sample"] and stamped["allowed"] and stamped["n_patients"] == 20
+    # no default cohort
+    done = subprocess.run(common + ["--config_file", "configs/evaluate.json", "--output_dir", str(out)], cwd=bundle_root,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 1 and "--datalist" in done.stderr
 
 
 def test_cross_validation_api_without_output_dir(tmp_path):

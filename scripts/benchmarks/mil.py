@@ -19,6 +19,12 @@ inputs are standardised instead), gated attention with hidden size 64 followed b
 uses the network's own defaults (SMILE: BatchNorm1d -> Linear 256, attention 128); any keyword the
 network accepts can be passed and overrides the arch's values. Accuracy is at probability 0.5.
 
+The floor (``--floor true``, the default): mean + max pooled instance features with a scikit-learn
+logistic regression (:mod:`scripts.pooled_baseline`), fitted on the same training bags of the same
+folds and tested on the same test bags; its accuracy and AUC are reported beside the network's, with a
+paired bootstrap of the AUC difference (network - floor) over the out-of-fold predictions of all
+repeats, resampling bags (each bag carries its predictions of every repeat).
+
 Reported (printed and written as JSON): ``accuracy_mean`` and ``accuracy_sem`` (mean and standard
 error over the repeats of each repeat's out-of-fold accuracy), ``accuracy_sem_folds`` (standard
 error over all folds), ``auc_mean`` / ``auc_sem`` (out-of-fold AUC per repeat), and the per-repeat and
@@ -40,6 +46,8 @@ import torch
 from scripts.io_utils import write_json
 from scripts.metrics import auc, threshold_metrics
 from scripts.mil_data import Bag, bags_from_npz
+from scripts.pooled_baseline import DESCRIPTION as FLOOR_DESCRIPTION
+from scripts.pooled_baseline import fit_pooled, predict_pooled
 from scripts.splits import make_splits
 
 
@@ -66,6 +74,7 @@ def run_benchmark(
     progress: bool = True,
     standardize: bool = True,
     arch: str | None = None,
+    floor: bool = True,
     **network_kwargs,
 ) -> dict:
     """Run the benchmark and return the result dict (see the module docstring)."""
@@ -94,6 +103,7 @@ def run_benchmark(
     )  # fmt: skip
     start = time.perf_counter()
     repeat_acc, repeat_auc, fold_acc, fold_auc, epochs_run = [], [], [], [], []
+    floor_acc, floor_auc, all_rows = [], [], []
     bar = tqdm(total=folds * repeats, desc=f"{Path(data).stem} {method}", unit="fold", disable=not progress)
     for r in range(repeats):
         # the test folds depend only on the seed, not on val_fraction; 0 = train on the whole training fold
@@ -106,6 +116,11 @@ def run_benchmark(
             settings.seed = seed + 100 * r
             result = run_cross_validation(factory, fold_bags, one, settings, output_dir=None, n_bootstrap=0, keep_models=False)
             rows = result.predictions
+            if floor:
+                by_id = {b.bag_id: b for b in bags}
+                model = fit_pooled([by_id[s] for s in fold["train"] + fold["val"]])
+                floor_probs = predict_pooled(model, [by_id[r["slide_id"]] for r in rows])
+                rows = [{**row, "floor_prob": float(q), "repeat": r} for row, q in zip(rows, floor_probs)]
             labels = [p["label"] for p in rows]
             probs = [p["prob"] for p in rows]
             fold_acc.append(threshold_metrics(labels, probs, 0.5)["accuracy"])
@@ -120,6 +135,11 @@ def run_benchmark(
         probs = [p["prob"] for p in repeat_rows]
         repeat_acc.append(threshold_metrics(labels, probs, 0.5)["accuracy"])
         repeat_auc.append(auc(labels, probs))
+        if floor:
+            floor_probs = [p["floor_prob"] for p in repeat_rows]
+            floor_acc.append(threshold_metrics(labels, floor_probs, 0.5)["accuracy"])
+            floor_auc.append(auc(labels, floor_probs))
+            all_rows.extend(repeat_rows)
     bar.close()
     result = {
         "data": str(data),
@@ -147,7 +167,33 @@ def run_benchmark(
         },  # fmt: skip
         "seconds": time.perf_counter() - start,
     }
+    if floor:
+        result["floor"] = _floor_summary(all_rows, floor_acc, floor_auc, repeat_acc, seed)
     return result
+
+
+def _floor_summary(rows, floor_acc, floor_auc, repeat_acc, seed) -> dict:
+    from scripts.metrics.paired import paired_bootstrap_auc
+
+    labels = [r["label"] for r in rows]
+    test = paired_bootstrap_auc(labels, [r["prob"] for r in rows], [r["floor_prob"] for r in rows],
+                                groups=[r["slide_id"] for r in rows], n_bootstrap=2000, seed=seed)  # fmt: skip
+    return {
+        "method": FLOOR_DESCRIPTION,
+        "accuracy_mean": float(np.mean(floor_acc)),
+        "accuracy_sem": _sem(floor_acc),
+        "auc_mean": float(np.nanmean(floor_auc)),
+        "auc_sem": _sem(floor_auc),
+        "accuracy_per_repeat": floor_acc,
+        "auc_per_repeat": floor_auc,
+        "accuracy_difference_mean": float(np.mean(np.subtract(repeat_acc, floor_acc))),
+        "paired_bootstrap": {
+            "what": "AUC(network) - AUC(floor) over the out-of-fold predictions of all repeats; bags resampled with "
+                    "all their repeats (2000 resamples, percentile 95% interval)",
+            "auc_network": test.auc_a, "auc_floor": test.auc_b, "difference": test.difference,
+            "ci": [test.ci_low, test.ci_high], "p_value": test.p_value,
+        },
+    }  # fmt: skip
 
 
 def standardized(bags: list[Bag], train_ids) -> list[Bag]:
@@ -172,6 +218,13 @@ def main(data: str, method: str = "smile", folds: int = 10, repeats: int = 5, ou
         f"+- {result['accuracy_sem']:.3f} (SEM over {repeats} repeats), AUC {result['auc_mean']:.3f}, "
         f"{result['seconds']:.0f} s"
     )
+    if "floor" in result:
+        f, t = result["floor"], result["floor"]["paired_bootstrap"]
+        print(
+            f"{Path(data).stem} floor ({f['method']}): accuracy {f['accuracy_mean']:.3f} +- {f['accuracy_sem']:.3f}, "
+            f"AUC {f['auc_mean']:.3f}; AUC {method} - floor {t['difference']:+.3f} [{t['ci'][0]:.3f}, {t['ci'][1]:.3f}] "
+            f"(paired bootstrap over bags, p {t['p_value']:.3f})"
+        )
     summary = {k: v for k, v in result.items() if k not in ("accuracy_per_fold",)}
     print(json.dumps(summary, indent=2))
     if out:

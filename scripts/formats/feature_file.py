@@ -193,17 +193,24 @@ def read_features(path: str | Path, rows_per_read: int = 4096, slide_id: str | N
     return features, coords.astype(np.int64)
 
 
+def _names(path: Path, slide_id: str | None) -> list[str]:
+    """Names a feature file's companions may carry: the slide id, then the file's own stem."""
+    return list(dict.fromkeys(n for n in (slide_id, path.stem) if n))
+
+
 def _coords_for_pt(path: Path, slide_id: str | None, patch_folders: Sequence[Path]) -> tuple[np.ndarray, Path]:
-    slide_id = slide_id or path.stem
-    twin = companion_h5(path, slide_id)
-    if twin is not None:
-        with _open_h5(twin) as handle:
-            if "coords" in handle:
-                return np.asarray(handle["coords"][()]), twin
     folders = list(nearby_patch_folders(path)) + [Path(f) for f in patch_folders]
-    patch = find_patch_file(slide_id, folders)
-    if patch is not None:
-        return read_patch_file(patch).coords, patch
+    for name in _names(path, slide_id):
+        twin = companion_h5(path, name)
+        if twin is not None:
+            with _open_h5(twin) as handle:
+                if "coords" in handle:
+                    return np.asarray(handle["coords"][()]), twin
+    for name in _names(path, slide_id):
+        patch = find_patch_file(name, folders)
+        if patch is not None:
+            return read_patch_file(patch).coords, patch
+    slide_id = slide_id or path.stem
     raise FeatureFileError(
         f"{path}: a .pt feature file holds no coordinates and none were found beside it (looked for "
         f"{path.parent.parent / 'h5_files' / (slide_id + '.h5')} and patches/{slide_id}.h5 / {slide_id}_patches.h5 "
@@ -287,8 +294,8 @@ def feature_candidates(slide_id: str, output_dir: str | Path | None = None,
         out += [Path(output_dir) / "features" / f"{slide_id}{s}" for s in (".h5", ".pt")]
     for folder in feature_dirs or ():
         folder = Path(folder)
-        out += [folder / f"{slide_id}.h5", folder / f"{slide_id}.pt", folder / "h5_files" / f"{slide_id}.h5",
-                folder / "pt_files" / f"{slide_id}.pt"]
+        out += [folder / f"{slide_id}{suffix}" for suffix in FEATURE_SUFFIXES]
+        out += [folder / "h5_files" / f"{slide_id}.h5", folder / "pt_files" / f"{slide_id}.pt"]
         if folder.is_dir():
             out += sorted(p / f"{slide_id}.h5" for p in folder.glob("features_*") if p.is_dir())
     return out
@@ -312,13 +319,29 @@ def find_feature_file(slide_id: str, features: str | Path | None = None, output_
 # ------------------------------------------------------------------------------------------- geometry
 @dataclass
 class PatchGeometry:
-    """Level-0 footprint and scale of a feature file's patches, and where each figure came from."""
+    """Level-0 footprint of a feature file's patches and where it came from.
+
+    ``source``: "feature file <path>", "patch file <path>", "slide mpp ... + configured patch size ...", or
+    "" when unknown. ``slide_mpp``: level-0 µm/px (the file's, else the datalist's or the slide's).
+    ``patch_size``: the patch side in pixels as the file states it (CLAM: at its ``patch_level``).
+    """
 
     patch_size_level0: float | None
-    source: str  # "feature file <path>", "patch file <path>", "slide mpp + configured patch size", ""
-    patch_mpp: float | None = None  # µm/px of the patches as fed to the encoder
+    source: str
     slide_mpp: float | None = None
     patch_size: int | None = None
+
+    @property
+    def footprint_um(self) -> float | None:
+        """Side of one patch in µm."""
+        if self.patch_size_level0 and self.slide_mpp:
+            return float(self.patch_size_level0) * float(self.slide_mpp)
+        return None
+
+    def patch_mpp(self, at_size: int | None = None) -> float | None:
+        """µm/px of the patches once they are ``at_size`` pixels (default: their own size)."""
+        size = at_size or self.patch_size
+        return self.footprint_um / float(size) if (self.footprint_um and size) else None
 
 
 def patch_geometry(feature_path: str | Path, slide_id: str, output_dir: str | Path | None = None,
@@ -331,36 +354,38 @@ def patch_geometry(feature_path: str | Path, slide_id: str, output_dir: str | Pa
     candidates: list[tuple[PatchFile, str]] = []
     if info.patch is not None:
         candidates.append((info.patch, f"feature file {feature_path}"))
-    patch_path = find_patch_file(slide_id, nearby_patch_folders(feature_path, output_dir))
+    folders = nearby_patch_folders(feature_path, output_dir)
+    patch_path = next((p for p in (find_patch_file(n, folders) for n in _names(feature_path, slide_id)) if p), None)
     if patch_path is not None:
         with contextlib.suppress(PatchFileError):
             candidates.append((read_patch_file(patch_path), f"patch file {patch_path}"))
     for patch, source in candidates:
         if patch.patch_size_level0:
-            mpp = patch.mpp or slide_mpp
-            return PatchGeometry(float(patch.patch_size_level0), source, patch.patch_mpp(slide_mpp), mpp, patch.patch_size)
+            return PatchGeometry(float(patch.patch_size_level0), source, patch.mpp or slide_mpp, patch.patch_size)
     if slide_mpp and patch_size and target_mpp:
         size0 = float(patch_size) * float(target_mpp) / float(slide_mpp)
         return PatchGeometry(size0, f"slide mpp {slide_mpp:g} + configured patch size {patch_size} px at "
-                                    f"{target_mpp:g} µm/px", None, slide_mpp, int(patch_size))
-    return PatchGeometry(None, "", None, slide_mpp, None)
+                                    f"{target_mpp:g} µm/px", slide_mpp, int(patch_size))
+    return PatchGeometry(None, "", slide_mpp, None)
 
 
 # ------------------------------------------------------------------------------------------------ checks
 @dataclass
 class FeatureExpectation:
-    """What the fold models were trained on (from their checkpoints), each None when unknown."""
+    """What the fold models were trained on (from their checkpoints), each None when unknown:
+    encoder name, feature dimension, patch µm/px and patch side in pixels."""
 
     encoder: str | None = None
     feature_dim: int | None = None
     target_mpp: float | None = None
+    patch_size: int | None = None
 
     @classmethod
     def from_checkpoints(cls, extras: Sequence[dict]) -> "FeatureExpectation":
         """Merge the ``features`` record of each checkpoint; folds that disagree are an error."""
         records = [e.get("features") for e in extras if isinstance(e.get("features"), dict)]
         out = cls()
-        for key in ("encoder", "feature_dim", "target_mpp"):
+        for key in ("encoder", "feature_dim", "target_mpp", "patch_size"):
             values = {r.get(key) for r in records if r.get(key) not in (None, "")}
             if len(values) > 1:
                 raise FeatureMismatchError(f"the fold checkpoints disagree on {key}: {sorted(map(str, values))}; "
@@ -371,16 +396,21 @@ class FeatureExpectation:
 
 
 def _same_encoder(found: str, expected: str) -> bool:
-    norm = lambda s: re.sub(r"[^a-z0-9]", "", s.lower())  # noqa: E731 - "CTransPath" == "ctranspath"
-    return norm(found) == norm(expected)
+    return _encoder_key(found) == _encoder_key(expected)
+
+
+def _encoder_key(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())  # "CTransPath" == "ctranspath"
 
 
 def check_features(info: FeatureInfo, expected: FeatureExpectation, geometry: PatchGeometry | None = None,
                    tolerance: float = SCALE_TOLERANCE, override: str = OVERRIDE) -> list[str]:
-    """Refuse features that do not fit the model: encoder name, feature dimension, patch scale.
+    """Refuse features that do not fit the model: feature dimension, encoder name, patch scale.
 
-    Returns notes on what could not be checked (e.g. a CLAM file names no encoder). Raises
-    :class:`FeatureMismatchError` naming the file, what was found, what was expected and ``override``.
+    The patch scale is the patches' µm/px once resized to the models' patch size (their footprint in µm
+    over ``expected.patch_size``, else over the file's own patch size), compared with
+    ``expected.target_mpp``. Returns notes on what could not be checked (a CLAM file names no encoder).
+    Raises :class:`FeatureMismatchError` naming the file, what was found, what was expected and ``override``.
     """
     notes: list[str] = []
     path = info.path
@@ -397,24 +427,25 @@ def check_features(info: FeatureInfo, expected: FeatureExpectation, geometry: Pa
                 f"{path}: features from encoder {info.encoder!r}, the models were trained on {expected.encoder!r}; "
                 f"extract the features with {expected.encoder} (override, at your own risk: {override})")
     if expected.target_mpp:
-        patch_mpp = geometry.patch_mpp if geometry is not None else None
-        if patch_mpp is None:
-            notes.append(f"{path}: patch scale unknown (no mpp); assumed {expected.target_mpp:g} µm/px")
-        elif abs(patch_mpp / float(expected.target_mpp) - 1.0) > tolerance:
+        target = float(expected.target_mpp)
+        found = geometry.patch_mpp(expected.patch_size) if geometry is not None else None
+        if found is None:
+            notes.append(f"{path}: patch scale unknown (no mpp); assumed {target:g} µm/px")
+        elif abs(found / target - 1.0) > tolerance:
+            size = expected.patch_size or geometry.patch_size
             raise FeatureMismatchError(
-                f"{path}: patches at {patch_mpp:.3g} µm/px ({10.0 / patch_mpp:.3g}x), the models were trained on "
-                f"{float(expected.target_mpp):g} µm/px ({10.0 / float(expected.target_mpp):.3g}x), tolerance "
-                f"{tolerance:.0%}; make patches at {10.0 / float(expected.target_mpp):.3g}x and extract again "
-                f"(override, at your own risk: {override})")
+                f"{path}: patches of {geometry.footprint_um:.0f} µm, i.e. {found:.3g} µm/px ({10.0 / found:.3g}x) at "
+                f"{size} px; the models were trained on {target:.3g} µm/px ({10.0 / target:.3g}x, "
+                f"{target * size:.0f} µm patches), tolerance {tolerance:.0%}; make the patches at "
+                f"{10.0 / target:.3g}x and extract again (override, at your own risk: {override})")
     return notes
 
 
 def cohort_record(infos: Sequence[tuple[str, FeatureInfo, PatchGeometry | None]],
                   tolerance: float = SCALE_TOLERANCE) -> dict:
-    """The encoder / feature_dim / target_mpp of a training cohort, recorded in each fold checkpoint.
-
-    Refuses a cohort that mixes encoders, feature sizes or patch scales (beyond ``tolerance``), naming a
-    slide of each group. ``infos``: (slide_id, FeatureInfo, geometry or None) per slide.
+    """The encoder / feature_dim / target_mpp / patch_size of a training cohort, recorded in each fold
+    checkpoint. Refuses a cohort that mixes feature sizes, encoders or patch footprints (beyond
+    ``tolerance``), naming a slide of each group. ``infos``: (slide_id, FeatureInfo, geometry or None).
     """
     def groups(key):
         out: dict = {}
@@ -431,21 +462,27 @@ def cohort_record(infos: Sequence[tuple[str, FeatureInfo, PatchGeometry | None]]
     if len(dims) > 1:
         raise FeatureMismatchError(f"the cohort's feature files disagree on the feature size ({listed(dims)}); "
                                    "use one encoder for every slide")
-    encoders = groups(lambda i, g: re.sub(r"[^a-z0-9]", "", i.encoder.lower()) if i.encoder else None)
+    encoders = groups(lambda i, g: _encoder_key(i.encoder) if i.encoder else None)
     if len(encoders) > 1:
+        names = {_encoder_key(i.encoder): i.encoder for _, i, _ in reversed(infos) if i.encoder}
+        encoders = {names[key]: ids for key, ids in encoders.items()}
         raise FeatureMismatchError(f"the cohort mixes encoders ({listed(encoders)}); extract every slide with "
                                    "one encoder, or drop the other slides from the datalist")
-    scales = sorted({round(g.patch_mpp, 4) for _, _, g in infos if g is not None and g.patch_mpp})
+    known = [(sid, g) for sid, _, g in infos if g is not None and g.footprint_um and g.patch_size]
+    sizes = groups(lambda i, g: g.patch_size if g is not None and g.footprint_um and g.patch_size else None)
+    patch_size = max(sizes, key=lambda k: len(sizes[k])) if sizes else None
+    scales = sorted(g.footprint_um for _, g in known)
     if scales and scales[-1] / scales[0] - 1.0 > tolerance:
-        by_scale = groups(lambda i, g: f"{g.patch_mpp:.3g} µm/px" if g is not None and g.patch_mpp else None)
+        by_scale = groups(lambda i, g: f"{g.footprint_um:.0f} µm patches ({g.patch_mpp(patch_size):.3g} µm/px)"
+                          if g is not None and g.footprint_um and g.patch_size else None)
         raise FeatureMismatchError(f"the cohort mixes patch scales ({listed(by_scale)}); make every slide's patches "
                                    "at one scale, or drop the other slides from the datalist")
-    encoder_names = [i.encoder for _, i, _ in infos if i.encoder]
+    names = [i.encoder for _, i, _ in infos if i.encoder]
     return {
-        "encoder": encoder_names[0] if encoder_names else None,
+        "encoder": names[0] if names else None,
         "feature_dim": next(iter(dims)) if dims else None,
-        "target_mpp": float(np.median([g.patch_mpp for _, _, g in infos if g is not None and g.patch_mpp]))
-        if scales else None,
+        "target_mpp": round(float(np.median(scales)) / patch_size, 5) if scales and patch_size else None,
+        "patch_size": int(patch_size) if patch_size else None,
     }
 
 

@@ -62,15 +62,6 @@ class PatchFile:
     attrs: dict = field(default_factory=dict)
     path: Path | None = None
 
-    def patch_mpp(self, slide_mpp: float | None = None) -> float | None:
-        """µm/px of the patches as read: the file's own figure, else level-0 footprint x slide mpp / size."""
-        if self.target_mpp:
-            return self.target_mpp
-        mpp = self.mpp or slide_mpp
-        if mpp and self.patch_size_level0 and self.patch_size:
-            return float(self.patch_size_level0) * float(mpp) / float(self.patch_size)
-        return None
-
 
 # ------------------------------------------------------------------------------------------------ write
 def magnification(mpp: float | None) -> float | None:

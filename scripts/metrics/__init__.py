@@ -4,7 +4,9 @@ comparisons of two methods on the same slides (``paired``: DeLong, paired bootst
 from scripts.metrics.classification import (
     auc,
     bootstrap_auc_ci,
+    ci_method,
     classification_report,
+    format_ci,
     nan_to_none,
     plot_roc,
     threshold_metrics,
@@ -14,7 +16,9 @@ from scripts.metrics.classification import (
 __all__ = [
     "auc",
     "bootstrap_auc_ci",
+    "ci_method",
     "classification_report",
+    "format_ci",
     "nan_to_none",
     "plot_roc",
     "threshold_metrics",

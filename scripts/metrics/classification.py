@@ -1,5 +1,5 @@
-"""Binary classification metrics for slide-level predictions: AUC with a bootstrap interval and the
-threshold metrics (accuracy, balanced accuracy, F1, sensitivity, specificity)."""
+"""Binary classification metrics for slide-level predictions: AUC with a patient-level (cluster)
+bootstrap interval stratified by label, and the threshold metrics (accuracy, balanced accuracy, F1, sensitivity, specificity)."""
 
 from __future__ import annotations
 
@@ -19,27 +19,67 @@ def auc(labels: Sequence[int], probs: Sequence[float]) -> float:
 
 
 def bootstrap_auc_ci(
-    labels: Sequence[int], probs: Sequence[float], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
-) -> list[float]:
-    """Percentile bootstrap interval of the AUC (resampling slides; resamples with one class are
-    redrawn). ``[nan, nan]`` when the AUC is undefined."""
+    labels: Sequence[int], probs: Sequence[float], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0,
+    groups: Sequence | None = None, stratified: bool = True,
+) -> list[float]:  # fmt: skip
+    """Percentile bootstrap interval of the AUC, resampling patients (clusters) stratified by label.
+
+    ``groups`` holds one patient id per slide: patients are resampled with replacement and carry all
+    their slides, so slides of one patient (correlated) are never treated as independent. Without
+    ``groups`` every slide is its own cluster. ``stratified``: positive patients (at least one positive
+    slide) and negative patients are resampled separately, each stratum keeping its size, so every
+    resample has both classes. Unstratified resamples with one class are redrawn whole (at most
+    ``20 * n_boot`` draws, then ``[nan, nan]``). ``[nan, nan]`` when the AUC is undefined.
+    :func:`ci_method` names the method for the output next to the interval.
+    """
     labels = np.asarray(labels, dtype=int)
     probs = np.asarray(probs, dtype=float)
+    n = len(labels)
     if len(np.unique(labels)) < 2 or n_boot <= 0:
         return [math.nan, math.nan]
+    if groups is None:
+        members = [np.array([i]) for i in range(n)]
+    else:
+        groups = np.asarray(groups)
+        if len(groups) != n:
+            raise ValueError(f"bootstrap_auc_ci: {len(groups)} patient ids for {n} slides; give one per slide")
+        _, inverse = np.unique(groups.astype(str), return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        members = np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1)
+    cluster_positive = np.array([labels[m].max() == 1 for m in members])
+    strata = [np.flatnonzero(cluster_positive), np.flatnonzero(~cluster_positive)] if stratified else [np.arange(len(members))]
     rng = np.random.default_rng(seed)
-    n = len(labels)
-    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     values = np.empty(n_boot)
-    for i in range(n_boot):
-        idx = rng.integers(0, n, n)
-        # a resample with one class has no AUC: add one case of the missing class (rare unless tiny)
+    done = attempts = 0
+    while done < n_boot:
+        attempts += 1
+        if attempts > 20 * n_boot:
+            return [math.nan, math.nan]
+        chosen = np.concatenate([stratum[rng.integers(0, len(stratum), len(stratum))] for stratum in strata])
+        idx = np.concatenate([members[c] for c in chosen])
         y = labels[idx]
-        if y.min() == y.max():
-            idx[0] = rng.choice(neg if y[0] == 1 else pos)
-        values[i] = _fast_auc(labels[idx], probs[idx])
+        if y.min() == y.max():  # only possible unstratified: draw the whole resample again
+            continue
+        values[done] = _fast_auc(y, probs[idx])
+        done += 1
     low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
     return [float(low), float(high)]
+
+
+def ci_method(n_boot: int, groups: Sequence | None = None, stratified: bool = True, alpha: float = 0.05) -> str:
+    """How :func:`bootstrap_auc_ci` made an interval, for the output next to it."""
+    unit = "patient" if groups is not None else "slide"
+    return f"{unit} bootstrap ({'stratified' if stratified else 'unstratified'}, {int(n_boot)}), percentile {100 * (1 - alpha):g}%"
+
+
+def format_ci(value: float | None, ci: Sequence | None, digits: int = 3) -> str:
+    """``0.812 [0.701, 0.905]`` (three decimals; ``n/a`` for undefined values)."""
+
+    def fmt(v):
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):.{digits}f}"
+
+    ci = list(ci) if ci is not None else [None, None]
+    return f"{fmt(value)} [{fmt(ci[0])}, {fmt(ci[1])}]"
 
 
 def _fast_auc(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -90,14 +130,17 @@ def threshold_metrics(labels: Sequence[int], probs: Sequence[float], threshold: 
 
 def classification_report(
     labels: Sequence[int], probs: Sequence[float], val_threshold: float | Sequence[float] | None = None,
-    n_boot: int = 2000, seed: int = 0,
+    n_boot: int = 2000, seed: int = 0, groups: Sequence | None = None,
 ) -> dict:  # fmt: skip
-    """AUC, its 95% bootstrap interval, and threshold metrics at 0.5 and at the validation threshold."""
+    """AUC, its 95% bootstrap interval (patients resampled when ``groups``, the patient id per slide, is
+    given; stratified by label; ``ci_method`` says which), and threshold metrics at 0.5 and at the
+    validation threshold."""
     report = {
         "n": int(len(labels)),
         "n_positive": int(np.sum(np.asarray(labels, dtype=int))),
         "auc": auc(labels, probs),
-        "auc_ci": bootstrap_auc_ci(labels, probs, n_boot=n_boot, seed=seed),
+        "auc_ci": bootstrap_auc_ci(labels, probs, n_boot=n_boot, seed=seed, groups=groups),
+        "ci_method": ci_method(n_boot, groups),
         "at_0.5": threshold_metrics(labels, probs, 0.5),
     }
     if val_threshold is not None:
