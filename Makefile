@@ -11,10 +11,10 @@ PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory"
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-reference.txt
+$(VENV)/.installed: requirements.txt requirements-test.txt requirements-reference.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "Installing pinned dependencies into $(VENV)/ (first time: a few minutes)..."
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt $(PIP_QUIET)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-test.txt $(PIP_QUIET)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-reference.txt $(PIP_QUIET)
 	@touch $@
 

@@ -4,7 +4,12 @@ The bundle root (the folder holding ``configs/`` and ``scripts/``) must be on ``
 bundles expect; ``python -m monai.bundle run`` from the bundle root does that.
 """
 
+import os
+
 from scripts.quiet import quiet_native_libraries
+
+# experiment tracking (--tracking mlflow) writes a local store only: no usage telemetry leaves the machine
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 quiet_native_libraries()
 

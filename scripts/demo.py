@@ -63,6 +63,10 @@ def demo_stages(workdir: Path, quick: bool) -> list[Stage]:
                                        "--epochs", "20", "--batch_size", "4", "--lr", "0.001", run_id="training"),
                             [str(out / "splits.json"), str(out / "cv" / "summary.json"), str(out / "cv" / "oof_predictions.csv"),
                              str(out / "cv" / "roc.png"), str(out / "cv" / "fold<k>" / "model.pt")]))
+        # the bundle's models/model.pt for the Model Zoo checks: trained on the SYNTHETIC demo only
+        stages.append(Stage("publish demo models/model.pt (synthetic demo only)",
+                            bundle_run("train.json", "--output_dir", str(out), run_id="publish"),
+                            [str(BUNDLE_ROOT / "models" / "model.pt"), str(BUNDLE_ROOT / "models" / "model_info.json")]))
     if (configs / "compare.json").exists():
         # same patient-level splits as the training stage; short recipe as above
         fast = ["--epochs", "20", "--batch_size", "4", "--lr", "0.001", "--num_threads", "1"]

@@ -83,6 +83,19 @@ def build_method(name: str = "smile", in_dim: int | None = None, network_kwargs:
     return model
 
 
+def build_bag_classifier(
+    name: str = "smile", in_dim: int | None = None, network_kwargs: Mapping[str, Any] | None = None,
+    channel_first: bool = True, **kwargs,
+) -> nn.Module:
+    """:func:`build_method` wrapped in :class:`~scripts.networks.bag_classifier.BagClassifier`: one bag
+    ``(B, C, N)`` in, one logit ``(B, 1)`` out. It is ``network_def`` of ``configs/train.json`` (the same
+    module type as ``network_def`` of ``configs/inference.json``); training runs its ``.mil`` network on
+    packed bags."""
+    from scripts.networks.bag_classifier import BagClassifier
+
+    return BagClassifier(build_method(name, in_dim=in_dim, network_kwargs=network_kwargs, **kwargs), channel_first=channel_first)
+
+
 def method_factory(name: str, network_kwargs: Mapping[str, Any] | None = None, **kwargs):
     """``factory(in_dim=D) -> network`` for :func:`scripts.training.run_cross_validation`; arguments are
     checked now, so a typo fails before any training starts."""
@@ -122,5 +135,5 @@ def _network_class(name: str) -> type[nn.Module]:
 
 __all__ = [
     "METHOD_DEFAULTS", "available_methods", "method_arguments", "resolve_method_kwargs", "build_method",
-    "method_factory", "count_parameters",
+    "build_bag_classifier", "method_factory", "count_parameters",
 ]  # fmt: skip

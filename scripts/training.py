@@ -189,14 +189,18 @@ def _to_device(batch: dict, device: torch.device, non_blocking: bool):
     )
 
 
-def mil_train_iteration(engine, batch: dict) -> dict:
-    """One optimiser step on a packed batch: bag BCE plus the network's ``training_loss_terms``."""
+def mil_train_iteration(engine, batch: dict) -> list[dict]:
+    """One optimiser step on a packed batch: bag BCE plus the network's ``training_loss_terms``.
+
+    The output is a one-item list (the packed batch is one item): MONAI handlers read it with
+    ``from_engine(["loss"], first=True)``, as they read a decollated batch (e.g. the ``MLFlowHandler``
+    that ``--tracking mlflow`` adds)."""
     model = engine.network
     if not model.training:
         model.train()
     x, bag_index, n_bags, labels = _to_device(batch, engine.state.device, engine.non_blocking)
     if x.shape[0] < 2:  # BatchNorm cannot train on a single instance; skip this (one-patch, one-bag) batch
-        return {"label": labels, "pred": torch.zeros_like(labels), "loss": torch.tensor(math.nan), "n_bags": n_bags}
+        return [{"label": labels, "pred": torch.zeros_like(labels), "loss": torch.tensor(math.nan), "n_bags": n_bags}]
     engine.optimizer.zero_grad(set_to_none=True)
     out = _forward(model, x, bag_index, n_bags)
     loss = engine.loss_function(out["logits"], labels)
@@ -205,7 +209,7 @@ def mil_train_iteration(engine, batch: dict) -> dict:
     total = loss + sum(extra.values()) if extra else loss
     total.backward()
     engine.optimizer.step()
-    return {"label": labels, "pred": out["logits"].detach(), "loss": total.detach(), "n_bags": n_bags}
+    return [{"label": labels, "pred": out["logits"].detach(), "loss": total.detach(), "n_bags": n_bags}]
 
 
 def mil_eval_iteration(engine, batch: dict) -> dict:
@@ -237,7 +241,7 @@ class _FoldMonitor:
 
     # trainer events
     def train_iteration(self, engine) -> None:
-        out = engine.state.output
+        out = engine.state.output[0]
         if not math.isnan(float(out["loss"])):
             self._train_loss += float(out["loss"]) * out["n_bags"]
             self._train_n += out["n_bags"]
@@ -289,28 +293,34 @@ class _FoldMonitor:
         return (val_auc if math.isfinite(val_auc) else -1.0, loss_key)
 
 
-def _loader(bags: Sequence[Bag], batch_size: int, shuffle: bool, settings: TrainSettings, seed: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    device = settings.torch_device()
-    dataset = BagDataset(bags)
+def bag_loader(
+    dataset, batch_size: int = 12, shuffle: bool = False, seed: int = 0, num_workers: int = 0, device: Any = "cpu",
+    distributed: bool = False,
+) -> DataLoader:
+    """A DataLoader of packed bags (:func:`scripts.mil_data.collate_bags`) over a ``BagDataset`` or bags.
+
+    With ``distributed`` and ``shuffle`` under torchrun, each rank trains on its share of the bags through a
+    ``DistributedSampler`` (MONAI's trainer calls ``set_epoch`` every epoch); validation and prediction
+    loaders stay whole, so every rank computes the same metrics.
+    """
+    if not isinstance(dataset, torch.utils.data.Dataset):
+        dataset = BagDataset(dataset)
+    generator = torch.Generator().manual_seed(int(seed))
     sampler = None
-    if settings.distributed and shuffle and torch.distributed.is_initialized():
-        # each rank trains on its share of the bags (MONAI's trainer calls set_epoch every epoch);
-        # validation and prediction loaders stay whole, so every rank computes the same metrics
+    if distributed and shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
         from torch.utils.data.distributed import DistributedSampler
 
-        sampler, shuffle = DistributedSampler(dataset, shuffle=True, seed=seed), False
+        sampler, shuffle = DistributedSampler(dataset, shuffle=True, seed=int(seed)), False
     return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        sampler=sampler,
-        collate_fn=collate_bags,
-        num_workers=settings.num_workers,
-        generator=generator,
-        pin_memory=device.type == "cuda",
-        persistent_workers=settings.num_workers > 0,
-    )
+        dataset, batch_size=int(batch_size), shuffle=shuffle, sampler=sampler, collate_fn=collate_bags,
+        num_workers=int(num_workers), generator=generator, pin_memory=torch.device(device).type == "cuda",
+        persistent_workers=int(num_workers) > 0,
+    )  # fmt: skip
+
+
+def _loader(bags: Sequence[Bag], batch_size: int, shuffle: bool, settings: TrainSettings, seed: int) -> DataLoader:
+    return bag_loader(BagDataset(bags), batch_size, shuffle, seed, settings.num_workers, settings.torch_device(),
+                      settings.distributed)
 
 
 def train_fold(
@@ -456,8 +466,14 @@ def run_cross_validation(
     output_dir: str | Path | None = None,
     n_bootstrap: int = 2000,
     keep_models: bool = True,
+    train_one: Callable[[int, list, list], tuple[nn.Module, dict]] | None = None,
+    settings_description: dict | None = None,
 ) -> CVResult:
     """Train and test one network per fold of ``splits`` (see :mod:`scripts.splits`).
+
+    ``train_one(k, train_bags, val_bags) -> (model, history)`` trains fold ``k``; the default is
+    :func:`train_fold` with ``network_factory`` and ``settings`` (seed + k). ``configs/train.json`` passes
+    :func:`train_from_config` instead (see :func:`config_cross_validation`).
 
     Per fold: :func:`train_fold` on the fold's train bags with its val bags for selection, a
     threshold chosen on the val bags (Youden), then the test bags are predicted. With ``output_dir``,
@@ -475,9 +491,12 @@ def run_cross_validation(
         train = [by_id[s] for s in fold["train"] if s in by_id]
         val = [by_id[s] for s in fold.get("val", []) if s in by_id]
         test = [by_id[s] for s in fold["test"] if s in by_id]
-        fold_settings = copy.copy(settings)
-        fold_settings.seed = settings.seed + k
-        model, history = train_fold(network_factory, train, val, fold_settings, desc=f"fold {k}")
+        if train_one is None:
+            fold_settings = copy.copy(settings)
+            fold_settings.seed = settings.seed + k
+            model, history = train_fold(network_factory, train, val, fold_settings, desc=f"fold {k}")
+        else:
+            model, history = train_one(k, train, val)
         val_probs = predict(model, val, settings.eval_batch_size or settings.batch_size) if val else np.zeros(0)
         val_labels = [b.label for b in val]
         threshold = youden_threshold(val_labels, val_probs) if val else 0.5
@@ -538,7 +557,7 @@ def run_cross_validation(
     best_fold = max(fold_rows, key=lambda r: (_finite(r["val_auc"]), -_finite(r["val_loss"], math.inf)))["fold"]
     summary = {
         "network": histories[0]["network"] if histories else None,
-        "settings": settings.describe(),
+        "settings": settings_description if settings_description is not None else settings.describe(),
         "n_slides": len(predictions),
         "n_patients": len({r["patient_id"] for r in predictions}),
         "skipped_slides": list(getattr(bags, "skipped", [])),
@@ -573,6 +592,148 @@ def fold_metadata(train: Sequence[Bag], val: Sequence[Bag], test: Sequence[Bag])
     return {
         "n_train": len(train), "n_val": len(val), "n_test": len(test), **data_provenance(train, val),
     }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- config-driven folds
+
+
+def active_config_parser():
+    """The ``monai.bundle`` :class:`~monai.bundle.ConfigParser` evaluating the current config expression.
+
+    MONAI gives a config expression no handle on its parser; the fold loop needs it to re-instantiate
+    ``train#trainer``, ``validate#evaluator`` and their handlers for every fold. It is found on the call
+    stack (``ConfigParser.get_parsed_content`` is always a caller of an expression being evaluated).
+    """
+    import inspect
+
+    from monai.bundle import ConfigParser
+
+    frame = inspect.currentframe()
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, ConfigParser):
+            return candidate
+        frame = frame.f_back
+    raise RuntimeError("config_cross_validation/config_train_all must be called from a monai.bundle config "
+                       "(python -m monai.bundle run training --config_file configs/train.json); pass parser=")
+
+
+def train_from_config(
+    parser, train_bags: Sequence[Bag], val_bags: Sequence[Bag], fold_dir: str | Path, seed: int,
+    run_name: str | None = None, bags: Sequence[Bag] | None = None,
+) -> tuple[nn.Module, dict]:
+    """Train one network as ``train.json`` describes it, on ``train_bags``, validating on ``val_bags``.
+
+    A fresh copy of ``parser``'s config (with every command-line override and ``--tracking`` patch) is
+    parsed with ``fold_dir``, ``seed`` and ``run_name`` set and the fold's bags in ``train_bags`` /
+    ``val_bags``; ``train#trainer`` and ``validate#evaluator`` with all their handlers are instantiated
+    from it and run. Then the weights of the epoch chosen by ``validate#selection`` are restored.
+    Returns ``(model, history)`` like :func:`train_fold`.
+    """
+    from monai.bundle import ConfigParser
+    from monai.utils import set_determinism
+
+    if not train_bags:
+        raise ValueError("training needs at least one training bag")
+    unlabeled = [b.bag_id for b in list(train_bags) + list(val_bags) if b.label is None]
+    if unlabeled:
+        raise ValueError(f"bags without a label cannot be used for training: {', '.join(unlabeled[:5])}")
+    fold = ConfigParser(copy.deepcopy(parser.get()), globals=dict(parser.globals))
+    dim = feature_dim(train_bags)
+    configured = fold.get("feature_dim")
+    if configured in (None, ""):
+        fold["feature_dim"] = dim
+    elif int(configured) != dim:
+        raise ValueError(f"the features are {dim}-d but feature_dim is {configured}; pass --feature_dim {dim} "
+                         "(or leave it null to take it from the features)")
+    fold["fold_dir"] = str(fold_dir)
+    fold["seed"] = int(seed)
+    fold["run_name"] = run_name
+    num_threads = fold.get("num_threads")
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+    set_determinism(seed=int(seed))
+    fold.parse(reset=True)
+    fold.ref_resolver.resolved_content.update(
+        {"train_bags": list(train_bags), "val_bags": list(val_bags), "bags": list(bags if bags is not None else train_bags)}
+    )
+    trainer = fold.get_parsed_content("train#trainer")
+    evaluator = fold.get_parsed_content("validate#evaluator", default=None)
+    for handler in list(fold.get_parsed_content("validate#handlers", default=None) or []):
+        if hasattr(handler, "set_trainer") and getattr(handler, "_handler", True) is None:
+            handler.set_trainer(trainer)  # EarlyStopHandler: the evaluator stops the trainer
+    start = time.perf_counter()
+    with _quiet_ignite():
+        trainer.run()
+    model = unwrap(fold.get_parsed_content("train#network"))
+    selection = fold.get_parsed_content("validate#selection", default=None)
+    if selection is not None and len(val_bags):
+        selection.restore()
+    model.eval()
+    from scripts.handlers import EpochHistory
+
+    recorder = next((h for h in fold.get_parsed_content("train#handlers") if isinstance(h, EpochHistory)), None)
+    rows = list(getattr(recorder, "rows", []))
+    best_epoch = int(getattr(selection, "best_epoch", 0) or (rows[-1]["epoch"] if rows else 0))
+    best = next((row for row in rows if row["epoch"] == best_epoch), {})
+    history = {
+        "epochs": rows,
+        "best_epoch": best_epoch,
+        "best_val_auc": best.get("val_auc", math.nan),
+        "best_val_loss": best.get("val_loss", math.nan),
+        "stopped_epoch": int(trainer.state.epoch),
+        "seconds": time.perf_counter() - start,
+        "network": network_spec(model),
+    }
+    del evaluator
+    return model, history
+
+
+def _hyperparameters(parser) -> dict:
+    keys = ("epochs", "val_interval", "batch_size", "optimizer_name", "lr", "weight_decay", "patience", "monitor",
+            "seed", "num_workers", "num_threads", "feature_dim", "distributed")
+    out = {k: parser.get(k) for k in keys if k in parser}
+    out["network_def"] = {k: v for k, v in (parser.get("network_def") or {}).items() if not str(k).startswith("_")}
+    out["device"] = str(parser.get_parsed_content("device"))
+    return out
+
+
+def config_cross_validation(
+    bags: Sequence[Bag], splits: dict, output_dir: str | Path | None = None, n_bootstrap: int = 2000,
+    batch_size: int = 12, parser=None,
+) -> CVResult:
+    """Cross-validation whose every fold is trained by ``train.json``'s trainer, evaluator and handlers.
+
+    The loop only hands each fold its bags, folder (``<output_dir>/cv/fold<k>``: TensorBoard events,
+    ``checkpoints/``), seed (``seed + k``) and MLflow run name (``fold<k>``); a handler added or changed in
+    the config therefore runs in every fold. The rest (threshold on the validation bags, test predictions,
+    summary, OOF predictions, ROC plot, fold checkpoints) is :func:`run_cross_validation`.
+    """
+    parser = parser or active_config_parser()
+    seed = int(parser.get_parsed_content("seed"))
+    cv_dir = Path(output_dir) / "cv" if output_dir is not None else Path("cv")
+
+    def train_one(k: int, train: list, val: list):
+        return train_from_config(parser, train, val, cv_dir / f"fold{k}", seed + k, run_name=f"fold{k}", bags=bags)
+
+    settings = TrainSettings(batch_size=int(batch_size), seed=seed)
+    return run_cross_validation(None, bags, splits, settings, output_dir=output_dir, n_bootstrap=n_bootstrap,
+                                keep_models=False, train_one=train_one, settings_description=_hyperparameters(parser))
+
+
+def config_train_all(bags: Sequence[Bag], output_dir: str | Path, parser=None) -> Path:
+    """One network on every bag (no validation: the last epoch is kept), as ``train.json`` describes it;
+    writes ``<output_dir>/final/model.pt`` (+ ``history.csv``, TensorBoard events)."""
+    parser = parser or active_config_parser()
+    final = Path(output_dir) / "final"
+    model, history = train_from_config(parser, list(bags), [], final, int(parser.get_parsed_content("seed")),
+                                       run_name="final", bags=bags)
+    if is_main_process():
+        save_checkpoint(final / "model.pt", model, metadata={"n_train": len(bags), **data_provenance(list(bags), [])},
+                        network=history["network"],
+                        threshold=0.5, best_epoch=history["best_epoch"], feature_dim=feature_dim(bags))
+        write_csv(final / "history.csv", history["epochs"])
+    return final / "model.pt"
 
 
 def data_provenance(train: Sequence[Bag], val: Sequence[Bag]) -> dict:
@@ -615,5 +776,6 @@ def write_history_csv(path: str | Path, history: dict) -> None:
 
 __all__ = [
     "TrainSettings", "CVResult", "train_fold", "predict", "run_cross_validation", "ranger", "create_optimizer",
-    "build_network", "network_spec", "save_checkpoint", "load_checkpoint",
+    "build_network", "network_spec", "save_checkpoint", "load_checkpoint", "bag_loader", "train_from_config",
+    "config_cross_validation", "config_train_all", "active_config_parser",
 ]  # fmt: skip

@@ -145,12 +145,14 @@ def test_build_method_switch_and_train_json(bundle_root):
         parser = ConfigParser()
         parser.read_config(str(bundle_root / "configs" / "train.json"))
         parser["network_def"]["name"] = name
-        model = parser.get_parsed_content("network_def", instantiate=True)(in_dim=16)
+        parser["feature_dim"] = 16  # null (the default) = the features' size, set by the fold loop
+        model = parser.get_parsed_content("network_def", instantiate=True).mil  # network_def: a BagClassifier
         assert model.in_dim == 16 and model.config["in_dim"] == 16
     parser = ConfigParser()
     parser.read_config(str(bundle_root / "configs" / "train.json"))
     parser["network_def"]["factor"] = 0.3
-    smile = parser.get_parsed_content("network_def", instantiate=True)(in_dim=16)
+    parser["feature_dim"] = 16
+    smile = parser.get_parsed_content("network_def", instantiate=True).mil
     assert smile.factor == 0.3 and smile.threshold == 0.5 and smile.embed_dim == 256  # official defaults kept
     assert method_arguments("clam_sb")["k_sample"] == 8  # arguments passed on through **kwargs are known
     assert resolve_method_kwargs("clam_sb", {"k_sample": 4}, factor=None) == {"k_sample": 4}

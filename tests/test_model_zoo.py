@@ -88,7 +88,11 @@ def test_net_in_out_and_torchscript_export(in_bundle, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(in_bundle))
     proc = subprocess.run(cmd, cwd=in_bundle, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    loaded = torch.jit.load(str(ts))
+    extra = {"metadata.json": ""}
+    loaded = torch.jit.load(str(ts), _extra_files=extra)
+    embedded = json.loads(extra["metadata.json"])  # the metadata a Model Zoo user sees: the real package list
+    assert embedded["required_packages_version"] == json.loads((in_bundle / META).read_text())["required_packages_version"]
+    assert "openslide-python" in embedded["required_packages_version"] and "h5py" in embedded["required_packages_version"]
     bag = torch.rand(1, 768, 50)
     with torch.no_grad():
         torch.testing.assert_close(loaded(bag), net(bag), rtol=1e-5, atol=1e-6)
@@ -135,3 +139,38 @@ def test_train_workflow_properties(in_bundle, tmp_path):
     assert missing == [], (
         f"configs/train.json lacks Model Zoo train properties {missing}: it needs ids dataset_dir, "
         "train#dataset, train#inferer, train#trainer (with max_epochs)")
+
+
+def test_metadata_against_schema_and_requirements(in_bundle, tmp_path):
+    """verify_metadata (jsonschema) with the offline schema copy; every pinned runtime package listed."""
+    import shutil
+
+    pytest.importorskip("jsonschema")
+    from monai.bundle import verify_metadata
+
+    schema = tmp_path / "eval" / "schema.json"  # where the Model Zoo CI puts the downloaded schema
+    schema.parent.mkdir()
+    shutil.copyfile(in_bundle / "tests" / "data" / "meta_schema.json", schema)
+    verify_metadata(meta_file=META, filepath=str(schema))  # raises on a schema violation
+
+    meta = json.loads((in_bundle / META).read_text())
+    assert "optional_packages_version" not in meta  # deprecated: MONAI copies it over the required list
+    pinned = {}
+    for line in (in_bundle / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            pinned[name] = version
+    assert meta["pytorch_version"] == pinned.pop("torch") and meta["monai_version"] == pinned.pop("monai")
+    assert meta["numpy_version"] == pinned.pop("numpy")
+    assert meta["required_packages_version"] == pinned
+    out = meta["network_data_format"]["outputs"]["pred"]
+    assert "logit" in out["type"] and "logit" in out["format"]  # the network returns a logit, not a probability
+
+
+def test_large_files_lists_the_published_model(in_bundle):
+    import yaml
+
+    files = yaml.safe_load((in_bundle / "large_files.yml").read_text())["large_files"]
+    assert [f["path"] for f in files] == ["models/model.pt"]
+    assert {"url", "hash_val", "hash_type"} <= set(files[0])
