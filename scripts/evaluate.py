@@ -4,13 +4,19 @@ Outputs under ``<output_dir>/evaluation/``: ``predictions.csv`` (slide, label, e
 each fold model's probability), ``summary.json`` (AUC with a 95% bootstrap interval, threshold metrics
 at 0.5 and at the mean of the folds' validation thresholds, and the same per fold model) and ``roc.png``.
 Slides without a label are predicted but left out of the metrics.
+
+When slides have annotations (``annotations``: slide_id -> QuPath GeoJSON, from the datalist's
+``annotations`` column), the fold models' mean attention is scored against them
+(:func:`scripts.metrics.localisation.localise_cohort`): ``evaluation/localisation/<slide_id>.csv``,
+``evaluation/localisation_slides.csv``, ``evaluation/localisation_summary.json``, and the summary's
+``localisation`` entry.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -40,12 +46,14 @@ def evaluate_cohort(
     device: Any = "cpu",
     batch_size: int = 12,
     n_bootstrap: int = 2000,
+    annotations: Mapping[str, str | Path] | None = None,
+    top_k: int = 8,
 ) -> dict:
     """Predict ``bags`` with every fold model of ``models_dir``, average, compute metrics, write files."""
     out_dir = Path(output_dir) / "evaluation"
     paths = find_fold_models(models_dir)
     dim = feature_dim(bags)
-    fold_probs, thresholds, names = [], [], []
+    fold_probs, thresholds, names, models = [], [], [], []
     for path in paths:
         model, checkpoint = load_checkpoint(path, device)
         expected = checkpoint.get("feature_dim")
@@ -54,6 +62,7 @@ def evaluate_cohort(
         fold_probs.append(predict(model, bags, batch_size=batch_size, device=device))
         thresholds.append(float(checkpoint.get("threshold", 0.5)))
         names.append(path.parent.name)
+        models.append(model)
     probs = np.mean(fold_probs, axis=0)
     threshold = float(np.mean(thresholds))
     rows = []
@@ -87,8 +96,35 @@ def evaluate_cohort(
         )  # fmt: skip
     else:
         logger.warning("no slide has a label: predictions only, no metrics")
+    annotated = [b for b in bags if (annotations or {}).get(b.bag_id)]
+    if annotated:
+        summary["localisation"] = localise_bags(annotated, models, annotations, out_dir, top_k, n_bootstrap)
     write_csv(out_dir / "predictions.csv", rows)
     write_json(out_dir / "summary.json", nan_to_none(summary))
     if curves:
         plot_roc(curves, out_dir / "roc.png", title="Evaluation ROC")
     return nan_to_none(summary)
+
+
+def localise_bags(bags: Sequence[Bag], models: Sequence[Any], annotations: Mapping[str, str | Path], out_dir: str | Path,
+                  top_k: int = 8, n_bootstrap: int = 2000) -> dict:
+    """Localisation outputs of ``bags`` under ``out_dir``: the models' mean attention per bag against the
+    bag's annotation file (patch corners and size from its feature file)."""
+    from scripts.metrics.localisation import SlideAttention, bag_attention, localise_cohort, patch_geometry
+
+    def slides():
+        for bag in bags:
+            if bag.features_path is None:
+                logger.warning("localisation of %s: no feature file to read patch coordinates from", bag.bag_id)
+                continue
+            try:
+                coords, size = patch_geometry(bag.features_path)
+            except (OSError, ValueError) as error:
+                logger.warning("localisation of %s: %s", bag.bag_id, error)
+                continue
+            features = bag.load()
+            scores = [bag_attention(m, features) for m in models]
+            scores = None if any(s is None for s in scores) else np.mean(scores, axis=0)
+            yield SlideAttention(bag.bag_id, bag.patient_id, bag.label, coords, size, scores, Path(annotations[bag.bag_id]))
+
+    return localise_cohort(slides(), out_dir, top_k=top_k, n_bootstrap=n_bootstrap)
