@@ -155,12 +155,15 @@ def write_heatmap_png(
     title: str = "",
     cmap: str = "jet",
     alpha: float = 0.45,
+    outlines: list[np.ndarray] | None = None,
 ) -> Path:
     """Heat map of attention percentile over the slide thumbnail, with a colour bar, as a PNG.
 
     Args:
         thumbnail: (H, W, 3) uint8 RGB thumbnail of the whole slide.
         downsample: level-0 pixels per thumbnail pixel, (dx, dy) or one number.
+        outlines: annotation rings, each (K, 2) level-0 (x, y) (:func:`annotation_outlines`), drawn as
+            black-and-white lines over the attention (visible on any colour of the map).
     """
     import matplotlib
 
@@ -184,6 +187,16 @@ def write_heatmap_png(
         ax.imshow(thumbnail, interpolation="nearest")
         norm = mcolors.Normalize(vmin=0.0, vmax=100.0)
         overlay = ax.imshow(np.ma.masked_invalid(canvas), cmap=cmap, norm=norm, alpha=alpha, interpolation="nearest")
+        dx, dy = (downsample, downsample) if np.isscalar(downsample) else downsample
+        for ring in outlines or []:
+            ring = np.asarray(ring, dtype=np.float64)
+            # pixel centres: level-0 coordinate x lies at thumbnail position x / dx - 0.5
+            xs, ys = ring[:, 0] / dx - 0.5, ring[:, 1] / dy - 0.5
+            ax.plot(xs, ys, color="white", linewidth=2.6, solid_joinstyle="round")
+            ax.plot(xs, ys, color="black", linewidth=1.1, solid_joinstyle="round")
+        if outlines:
+            ax.set_xlim(-0.5, w - 0.5)
+            ax.set_ylim(h - 0.5, -0.5)
         ax.set_axis_off()
         if title:
             ax.set_title(title, fontsize=10)
@@ -196,6 +209,20 @@ def write_heatmap_png(
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def annotation_outlines(annotations) -> list[np.ndarray]:
+    """Every ring (outer boundaries and holes) of annotations (:mod:`scripts.formats.annotations`) as
+    (K, 2) level-0 (x, y) arrays, for :func:`write_heatmap_png`."""
+    rings = []
+    for annotation in annotations or []:
+        geom = getattr(annotation, "geometry", annotation)
+        for polygon in getattr(geom, "geoms", [geom]):
+            if polygon.geom_type != "Polygon":
+                continue
+            rings.append(np.asarray(polygon.exterior.coords))
+            rings.extend(np.asarray(r.coords) for r in polygon.interiors)
+    return rings
 
 
 # ---------------------------------------------------------------------------------------------- top-k
@@ -347,8 +374,12 @@ def write_slide_outputs(
     top_k: int = 8,
     attrs: dict | None = None,
     extra: dict[str, np.ndarray] | None = None,
+    annotations=None,
 ) -> dict[str, Path]:
-    """Write attention/<id>.h5, heatmaps/<id>.png, heatmaps/<id>_topk.png (if read_patch), geojson/<id>.geojson."""
+    """Write attention/<id>.h5, heatmaps/<id>.png, heatmaps/<id>_topk.png (if read_patch), geojson/<id>.geojson.
+
+    ``annotations`` (a list of :class:`scripts.formats.annotations.Annotation`) are outlined on the heat map.
+    """
     from scripts.formats.layout import OutputLayout
 
     layout = OutputLayout(output_dir)
@@ -357,7 +388,8 @@ def write_slide_outputs(
         "attention": write_attention_h5(layout.attention_file(slide_id), coords, scores, patch_size_level0,
                                         attrs=dict(attrs or {}, slide_id=slide_id), extra=extra),
         "heatmap": write_heatmap_png(layout.heatmap(slide_id), thumbnail, downsample, coords,
-                                     patch_size_level0, scores, title=title),
+                                     patch_size_level0, scores, title=title,
+                                     outlines=annotation_outlines(annotations) if annotations else None),
         "geojson": write_geojson(layout.geojson(slide_id), coords, scores, patch_size_level0,
                                  slide_size=slide_size, slide_id=slide_id),
     }

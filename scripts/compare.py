@@ -17,7 +17,12 @@ Every chosen method is trained with :func:`scripts.training.run_cross_validation
   F1, sensitivity and specificity (each fold's threshold chosen on its validation split), and for the
   reference method (SMILE) against each other method the AUC difference with a DeLong p-value and a
   paired bootstrap p-value and interval that resamples patients (Holm-adjusted DeLong p across methods);
-* ``roc.png``: pooled out-of-fold ROC curves of all methods.
+* ``roc.png``: pooled out-of-fold ROC curves of all methods;
+* with ``annotations`` (slide_id -> QuPath GeoJSON, the datalist's ``annotations`` column): per method
+  ``<method>/localisation_summary.json``, ``<method>/localisation_slides.csv`` and
+  ``<method>/localisation/<slide_id>.csv``, scoring each slide's out-of-fold attention (the fold model
+  that never saw its patient) against its annotations, and localisation columns in the table
+  (:mod:`scripts.metrics.localisation`; methods without attention get none).
 
 One method failing (e.g. out of memory) is reported in the table and does not stop the others.
 """
@@ -150,6 +155,8 @@ def compare_methods(
     paired_bootstrap: int = 2000,
     keep_fold_models: bool = True,
     floor: bool = True,
+    annotations: Mapping[str, str | Path] | None = None,
+    top_k: int = 8,
 ) -> dict:
     """Train and score every method on ``splits``; write ``<output_dir>/compare/`` (module docstring).
 
@@ -182,7 +189,8 @@ def compare_methods(
         start = time.perf_counter()
         try:
             factory = method_factory(name, network_kwargs=kwargs)
-            result = _run_cv(factory, bags, splits, settings, out_dir / name if keep_fold_models else None, n_bootstrap)
+            result = _run_cv(factory, bags, splits, settings, out_dir / name if keep_fold_models else None, n_bootstrap,
+                             keep_models=bool(annotations))
         except Exception as error:  # one method failing must not lose the others' results
             logger.exception("method %s failed", name)
             rows.append({"method": name, "status": f"failed: {type(error).__name__}: {error}"})
@@ -217,6 +225,10 @@ def compare_methods(
         }
         if not keep_fold_models:
             write_csv(OutputLayout(out_dir / name).oof_predictions, result.predictions)
+        if annotations:
+            row.update(localisation_columns(out_of_fold_localisation(bags, splits, result.models, annotations,
+                                                                     out_dir / name, top_k, n_bootstrap)))
+            result.models.clear()
         rows.append(row)
         bar.write(f"{name}: pooled AUC {_fmt(row['pooled_auc'])}, fold AUC {_fmt(row['auc_mean'])} ± {_fmt(row['auc_std'])}")
     bar.close()
@@ -282,10 +294,47 @@ def _add_floor(bags, splits, n_bootstrap, results: dict, rows: list, out_dir: Pa
     })  # fmt: skip
 
 
-def _run_cv(factory, bags, splits, settings, output_dir, n_bootstrap):
+def _run_cv(factory, bags, splits, settings, output_dir, n_bootstrap, keep_models=False):
     from scripts.training import run_cross_validation
 
-    return run_cross_validation(factory, bags, splits, settings, output_dir=output_dir, n_bootstrap=n_bootstrap, keep_models=False)
+    return run_cross_validation(factory, bags, splits, settings, output_dir=output_dir, n_bootstrap=n_bootstrap,
+                                keep_models=keep_models)
+
+
+def out_of_fold_localisation(bags: Sequence[Bag], splits: dict, models: Sequence[Any], annotations: Mapping[str, str | Path],
+                             output_dir: str | Path, top_k: int = 8, n_bootstrap: int = 2000) -> dict:
+    """Localisation outputs under ``output_dir`` from each annotated slide's out-of-fold attention
+    (``models`` in the order of ``splits["folds"]``)."""
+    from scripts.metrics.localisation import SlideAttention, bag_attention, localise_cohort, patch_geometry
+
+    by_id = {b.bag_id: b for b in bags}
+    if models and bags and bag_attention(models[0], bags[0].load()) is None:
+        return {"n_slides": 0, "top_k": top_k, "attention": False}  # mean / max pooling: nothing to localise
+
+    def slides():
+        for fold, model in zip(splits["folds"], models):
+            for slide_id in fold["test"]:
+                bag = by_id.get(slide_id)
+                if bag is None or not annotations.get(slide_id) or bag.features_path is None:
+                    continue
+                try:
+                    coords, size = patch_geometry(bag.features_path)
+                except (OSError, ValueError) as error:
+                    logger.warning("localisation of %s: %s", slide_id, error)
+                    continue
+                yield SlideAttention(slide_id, bag.patient_id, bag.label, coords, size, bag_attention(model, bag.load()),
+                                     Path(annotations[slide_id]))
+
+    return localise_cohort(slides(), output_dir, top_k=top_k, n_bootstrap=n_bootstrap)
+
+
+def localisation_columns(summary: Mapping[str, Any]) -> dict:
+    """The comparison table's localisation columns from a localisation summary."""
+    out = {"localisation_slides": summary.get("n_slides", 0), "top_k": summary.get("top_k")}
+    for key in ("attention_auc", "top_k_hit_rate", "attention_mass_on_annotations"):
+        ci = summary.get(f"{key}_ci") or [None, None]
+        out.update({key: summary.get(key), f"{key}_ci_low": ci[0], f"{key}_ci_high": ci[1]})
+    return out
 
 
 def merge_predictions(predictions: Mapping[str, Sequence[dict]]) -> list[dict]:
@@ -424,6 +473,23 @@ def comparison_markdown(comparison: dict) -> str:
             f"{_fmt(row['pooled_auc'])} [{_fmt(row['pooled_auc_ci_low'])}, {_fmt(row['pooled_auc_ci_high'])}] | "
             f"{_fmt(row['accuracy'])} | {_fmt(row['f1'])} | {diff} | {delong} | {boot} |"
         )
+    loc_rows = [r for r in comparison["rows"] if r.get("status") == "ok" and "localisation_slides" in r]
+    if any(r["localisation_slides"] for r in loc_rows):
+        k = loc_rows[0].get("top_k")
+        n_loc = max(r["localisation_slides"] for r in loc_rows)
+        lines += [
+            "",
+            f"Localisation: out-of-fold attention against the annotations, mean over {n_loc} "
+            "annotated positive slides [95% CI resampling patients]",
+            "",
+            f"| method | attention AUC (patch touches an annotation) | top-{k} hit rate | attention mass on annotated patches |",
+            "|---|---:|---:|---:|",
+        ]
+        for row in loc_rows:
+            cells = [f"{_fmt(row.get(key))} [{_fmt(row.get(key + '_ci_low'))}, {_fmt(row.get(key + '_ci_high'))}]"
+                     if row.get(key) is not None else "n/a (no attention)"
+                     for key in ("attention_auc", "top_k_hit_rate", "attention_mass_on_annotations")]
+            lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "How to read it: the pooled AUC is computed on every slide's out-of-fold probability (each slide",
@@ -455,5 +521,6 @@ def _describe_optimizer(value) -> str:
 
 __all__ = [
     "DEFAULT_METHODS", "load_bags", "with_overrides", "resolve_methods", "compare_methods", "merge_predictions",
+    "out_of_fold_localisation", "localisation_columns",
     "paired_tests", "holm", "comparison_markdown",
 ]  # fmt: skip

@@ -184,6 +184,12 @@ def load_datalist(
     return records
 
 
+def annotation_paths(csv_path: str | Path) -> dict[str, Path]:
+    """slide_id -> annotation file of the datalist's rows that have one (empty when none does)."""
+    records = load_datalist(csv_path, require_labels=False, check_files=False, require_slides=False)
+    return {r.slide_id: r.annotations for r in records if r.annotations is not None}
+
+
 def _resolve(root: Path, value: str) -> Path | None:
     if not value:
         return None

@@ -10,13 +10,18 @@ on, and a cohort sharing a patient with any of them is refused (:class:`OverlapE
 slides would be an in-sample result, e.g. AUC 1.000 on pure-noise labels). ``allow_overlap=True``
 (``--allow_overlap true``) scores it anyway and stamps ``"overlap"`` with ``"in_sample": true`` into
 ``summary.json``. There is no default cohort in ``configs/evaluate.json``: give ``--datalist``.
+When slides have annotations (``annotations``: slide_id -> QuPath GeoJSON, from the datalist's
+``annotations`` column), the fold models' mean attention is scored against them
+(:func:`scripts.metrics.localisation.localise_cohort`): ``evaluation/localisation/<slide_id>.csv``,
+``evaluation/localisation_slides.csv``, ``evaluation/localisation_summary.json``, and the summary's
+``localisation`` entry.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -99,6 +104,8 @@ def evaluate_cohort(
     batch_size: int = 12,
     n_bootstrap: int = 2000,
     allow_overlap: bool = False,
+    annotations: Mapping[str, str | Path] | None = None,
+    top_k: int = 8,
 ) -> dict:
     """Predict ``bags`` with every fold model of ``models_dir``, average, compute metrics, write files.
 
@@ -111,7 +118,7 @@ def evaluate_cohort(
     loaded = [(path, *load_checkpoint(path, device)) for path in paths]
     overlap = check_overlap(bags, [(p.parent.name, c) for p, _, c in loaded], models_dir, allow_overlap=allow_overlap)
     threshold, threshold_record = ensemble_threshold([(p.parent.name, c) for p, _, c in loaded])
-    fold_probs, thresholds, names = [], [], []
+    fold_probs, thresholds, names, models = [], [], [], []
     for path, model, checkpoint in loaded:
         expected = checkpoint.get("feature_dim")
         if expected is not None and int(expected) != dim:
@@ -119,6 +126,7 @@ def evaluate_cohort(
         fold_probs.append(predict(model, bags, batch_size=batch_size, device=device))
         thresholds.append(float(checkpoint.get("threshold", 0.5)))
         names.append(path.parent.name)
+        models.append(model)
     probs = np.mean(fold_probs, axis=0)
     rows = []
     for i, bag in enumerate(bags):
@@ -155,8 +163,35 @@ def evaluate_cohort(
         )  # fmt: skip
     else:
         logger.warning("no slide has a label: predictions only, no metrics")
+    annotated = [b for b in bags if (annotations or {}).get(b.bag_id)]
+    if annotated:
+        summary["localisation"] = localise_bags(annotated, models, annotations, out_dir, top_k, n_bootstrap)
     write_csv(out_dir / "predictions.csv", rows)
     write_json(out_dir / "summary.json", nan_to_none(summary))
     if curves:
         plot_roc(curves, out_dir / "roc.png", title="Evaluation ROC")
     return nan_to_none(summary)
+
+
+def localise_bags(bags: Sequence[Bag], models: Sequence[Any], annotations: Mapping[str, str | Path], out_dir: str | Path,
+                  top_k: int = 8, n_bootstrap: int = 2000) -> dict:
+    """Localisation outputs of ``bags`` under ``out_dir``: the models' mean attention per bag against the
+    bag's annotation file (patch corners and size from its feature file)."""
+    from scripts.metrics.localisation import SlideAttention, bag_attention, localise_cohort, patch_geometry
+
+    def slides():
+        for bag in bags:
+            if bag.features_path is None:
+                logger.warning("localisation of %s: no feature file to read patch coordinates from", bag.bag_id)
+                continue
+            try:
+                coords, size = patch_geometry(bag.features_path)
+            except (OSError, ValueError) as error:
+                logger.warning("localisation of %s: %s", bag.bag_id, error)
+                continue
+            features = bag.load()
+            scores = [bag_attention(m, features) for m in models]
+            scores = None if any(s is None for s in scores) else np.mean(scores, axis=0)
+            yield SlideAttention(bag.bag_id, bag.patient_id, bag.label, coords, size, scores, Path(annotations[bag.bag_id]))
+
+    return localise_cohort(slides(), out_dir, top_k=top_k, n_bootstrap=n_bootstrap)

@@ -16,6 +16,12 @@ and, for the whole run, ``predictions.csv`` (slide_id, probability, predicted_la
 n_models, status, error) and ``inference_timings.csv`` (seconds per stage per slide). A slide that fails
 gets ``status=failed`` and the error; the others go on.
 
+Slides with annotations (datalist column ``annotations``: a QuPath GeoJSON export) get the annotation
+outlines drawn on their heat map, and the run writes the localisation outputs of
+:func:`scripts.metrics.localisation.localise_cohort`: ``localisation/<slide_id>.csv`` (per patch: overlap
+with the annotations, attention), ``localisation_slides.csv`` and ``localisation_summary.json``
+(attention AUC, top-k hit rate, attention mass on annotations over annotated positive slides).
+
 The patch and feature stages are the bundle's preprocessing and feature-extraction code
 (:class:`PatchStage`, :class:`FeatureStage`); a slide whose feature file already exists (datalist column
 ``features``, or ``<output_dir>/features/<slide_id>.h5`` from an earlier run) skips them.
@@ -266,6 +272,7 @@ class SlideInference:
         self.patch_size = patch_size if patch_size is not None else getattr(settings, "patch_size", None)
         self.target_mpp = target_mpp if target_mpp is not None else getattr(settings, "target_mpp", None)
         self.expected = FeatureExpectation()
+        self._localisation: list = []  # SlideAttention of annotated slides
 
     # -------------------------------------------------------------------------------------------- setup
     def load_models(self) -> None:
@@ -297,6 +304,7 @@ class SlideInference:
         # slides of patients a fold model trained or validated on: predicted, with a warning (scripts.heldout)
         check_overlap(records, [(f"model {i}", e) for i, e in enumerate(self.model_extras)], self.checkpoints,
                       refuse=False, what="inference")  # fmt: skip
+        self._localisation = []
         results: list[SlideResult] = []
         for i, record in enumerate(records, 1):
             result = self.run_slide(record)
@@ -308,6 +316,10 @@ class SlideInference:
         write_csv(layout.inference_timings,
                   [{"slide_id": r.slide_id, **{s: round(r.timings.get(s, 0.0), 3) for s in STAGES},
                     "total": round(sum(r.timings.values()), 3)} for r in results])
+        if self._localisation:
+            from scripts.metrics.localisation import localise_cohort
+
+            localise_cohort(self._localisation, self.output_dir, top_k=self.top_k or 8)
         failed = [r for r in results if r.status != "ok"]
         logger.info("predictions for %d slide(s) in %s%s", len(results) - len(failed), layout.predictions,
                     f"; {len(failed)} failed: " + ", ".join(r.slide_id for r in failed) if failed else "")
@@ -331,6 +343,12 @@ class SlideInference:
             start = time.perf_counter()
             self._write_outputs(record, feature_file, coords, attention, probability, geometry)
             result.timings["outputs"] = time.perf_counter() - start
+            if record.annotations is not None:
+                from scripts.metrics.localisation import SlideAttention
+
+                self._localisation.append(SlideAttention(
+                    record.slide_id, record.patient_id, record.label, coords, float(geometry.patch_size_level0),
+                    attention, Path(record.annotations)))
         except Exception as error:  # noqa: BLE001 - one bad slide never stops the batch
             result.status, result.error = "failed", " ".join(str(error).split())[:500] or type(error).__name__
             logger.debug("slide %s failed", record.slide_id, exc_info=True)
@@ -421,7 +439,8 @@ class SlideInference:
 
             write_slide_outputs(self.output_dir, record.slide_id, coords, attention, patch_size_level0, thumbnail,
                                 downsample, (width, height), read_patch=read_patch, probability=probability,
-                                top_k=self.top_k, attrs=dict(attrs, slide_path=str(record.path)))
+                                top_k=self.top_k, attrs=dict(attrs, slide_path=str(record.path)),
+                                annotations=_annotations_or_none(record))
 
     def _print_slide(self, i: int, n: int, result: SlideResult) -> None:
         times = " | ".join(f"{s} {result.timings[s]:.2f}s" for s in STAGES if s in result.timings)
@@ -438,17 +457,32 @@ def _flag(value) -> bool:
     if isinstance(value, str):
         return value.strip().lower() not in ("false", "0", "no", "")
     return bool(value)
+def _annotations_or_none(record: SlideRecord):
+    """The slide's annotations for the heat map, or None (a bad annotation file is reported by the
+    localisation step; it never costs the slide its prediction or heat map)."""
+    if record.annotations is None:
+        return None
+    from scripts.formats.annotations import AnnotationError, read_annotations
+
+    try:
+        return read_annotations(record.annotations)
+    except AnnotationError as error:
+        logger.warning("slide %s: annotations not drawn: %s", record.slide_id, error)
+        return None
 
 
 # -------------------------------------------------------------------------------------------------- CLI
-def subset_datalist(datalist: str, out: str, n_slides: int = 3, add: Sequence[str] | str = ()) -> None:
-    """Write a datalist with the first ``n_slides`` rows of ``datalist`` plus the slide files in ``add``
-    (those that exist; slide_id = file stem). Paths become absolute. Used by ``make demo``::
+def subset_datalist(datalist: str, out: str, n_slides: int = 3, add: Sequence[str] | str = (), n_positive: int = 0) -> None:
+    """Write a datalist with the first ``n_slides`` rows of ``datalist`` (of which the first ``n_positive``
+    labelled-positive rows come first) plus the slide files in ``add`` (those that exist; slide_id = file
+    stem). Paths become absolute. Used by ``make demo``::
 
         python -m scripts.inference subset_datalist --datalist data/demo/cohort/datalist.csv \\
             --out data/demo/out/inference_datalist.csv --n_slides 3 --add ../shared/data/slides/cmu-1-small-region.svs
     """
-    records = load_datalist(datalist, require_labels=False)[: int(n_slides)]
+    records = load_datalist(datalist, require_labels=False)
+    positives = [r for r in records if r.label == 1][: int(n_positive)]
+    records = (positives + [r for r in records if r not in positives])[: int(n_slides)]
     rows = [dict(r.as_row(), path=str(Path(r.path).resolve()) if r.path else "") for r in records]
     for path in [add] if isinstance(add, str) else list(add):
         path = Path(path)
@@ -457,7 +491,10 @@ def subset_datalist(datalist: str, out: str, n_slides: int = 3, add: Sequence[st
                          "center": "external", "mpp": "", "features": ""})
         else:
             logger.warning("%s not found; left out of %s", path, out)
-    write_csv(out, rows, ["slide_id", "path", "label", "patient_id", "center", "mpp", "features"])
+    for row in rows:
+        if row.get("annotations"):
+            row["annotations"] = str(Path(row["annotations"]).resolve())
+    write_csv(out, rows, ["slide_id", "path", "label", "patient_id", "center", "mpp", "features", "annotations"])
     print(f"{out}: {len(rows)} slide(s)")
 
 

@@ -127,3 +127,26 @@ def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(ValueError, match="NaN"):
         write_geojson(tmp_path / "x.geojson", np.zeros((1, 2)), [np.nan], 256)
     assert not (tmp_path / "x.geojson").exists()
+
+
+def test_heatmap_draws_annotation_outlines_where_they_are(tmp_path):
+    """An annotation square drawn over a uniform heat map: its black outline lands at the square's place."""
+    from scripts.attention_outputs import annotation_outlines, write_heatmap_png
+    from scripts.formats.annotations import polygon_annotation
+
+    thumb = np.full((200, 200, 3), 255, np.uint8)
+    coords = np.array([[x, y] for y in range(0, 2000, 500) for x in range(0, 2000, 500)])
+    scores = np.ones(len(coords))
+    lesion = polygon_annotation([[[500, 500], [1500, 500], [1500, 1000], [500, 1000], [500, 500]],
+                                 [[800, 600], [1000, 600], [1000, 800], [800, 800], [800, 600]]])
+    rings = annotation_outlines([lesion])
+    assert len(rings) == 2 and rings[0].shape[1] == 2  # outer ring and the hole
+    plain = np.asarray(Image.open(write_heatmap_png(tmp_path / "a.png", thumb, 10.0, coords, 512, scores)).convert("L"))
+    outlined = np.asarray(Image.open(write_heatmap_png(tmp_path / "b.png", thumb, 10.0, coords, 512, scores,
+                                                       outlines=rings)).convert("L"))
+    assert plain.shape == outlined.shape
+    changed = np.argwhere(np.abs(outlined.astype(int) - plain.astype(int)) > 60)
+    assert len(changed) > 100
+    # the changed pixels span a box with the annotation's 2:1 aspect (1000 x 500 level-0 px)
+    (y0, x0), (y1, x1) = changed.min(0), changed.max(0)
+    assert 1.6 < (x1 - x0) / (y1 - y0) < 2.4

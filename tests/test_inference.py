@@ -136,10 +136,11 @@ def test_raw_slides_end_to_end(shared_slides, tmp_path, bundle_root):
     datalist = tmp_path / "datalist.csv"
     with open(datalist, "w", newline="") as handle:
         w = csv.writer(handle)
-        w.writerow(["slide_id", "path", "label", "patient_id", "center"])
-        w.writerow([rows[0]["slide_id"], str(cohort.parent / rows[0]["path"]), "", "p1", "c1"])
-        w.writerow(["cmu", str(shared_slides / "cmu-1-small-region.svs"), "", "p2", "c2"])
-        w.writerow(["broken", str(shared_slides / "broken.svs"), "", "p3", "c3"])
+        w.writerow(["slide_id", "path", "label", "patient_id", "center", "annotations"])
+        w.writerow([rows[0]["slide_id"], str(cohort.parent / rows[0]["path"]), "1", "p1", "c1",
+                    str(cohort.parent / rows[0]["annotations"])])
+        w.writerow(["cmu", str(shared_slides / "cmu-1-small-region.svs"), "", "p2", "c2", ""])
+        w.writerow(["broken", str(shared_slides / "broken.svs"), "", "p3", "c3", ""])
     _fold_checkpoints(tmp_path / "cv", n=2, thresholds=(0.4, 0.6))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
@@ -155,6 +156,10 @@ def test_raw_slides_end_to_end(shared_slides, tmp_path, bundle_root):
         assert f"{stage} " in log
     results = {r["slide_id"]: r for r in csv.DictReader(open(out / "predictions.csv"))}
     assert results["broken"]["status"] == "failed" and results["broken"]["error"]
+    # the demo slide's planted-lesion annotations: localisation outputs for it alone
+    localisation = json.loads((out / "localisation_summary.json").read_text())
+    assert localisation["n_slides"] == 1 and localisation["slides"] == [rows[0]["slide_id"]]
+    assert (out / "localisation" / f"{rows[0]['slide_id']}.csv").is_file()
     sizes = {"cmu": (2220, 2967)}
     import openslide
 

@@ -208,3 +208,74 @@ def test_patient_bootstrap_keeps_a_patients_slides_together():
     low, high = patient_bootstrap_mean_ci([1.0, 1.0, 0.0], ["A", "A", "B"], n_bootstrap=2000)
     assert low == 0.0 and high == 1.0
     assert patient_bootstrap_mean_ci([0.7, 0.7], ["A", "B"]) == [pytest.approx(0.7), pytest.approx(0.7)]
+
+
+def _feature_cohort(root, n_slides=24, dim=8, seed=0):
+    """Feature files with level-0 patch coordinates on a 6x6 grid of 512-px patches, an annotation file
+    per slide; positive slides carry a shifted feature in the 2 patches their annotation covers."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    direction = rng.normal(size=dim)
+    direction *= 10.0 / np.linalg.norm(direction)
+    (root / "features").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    coords = np.array([[x, y] for y in range(0, 3072, 512) for x in range(0, 3072, 512)])
+    rows = ["slide_id,path,label,patient_id,center,annotations"]
+    for i in range(n_slides):
+        label = i % 2
+        x = rng.normal(size=(len(coords), dim)).astype(np.float32)
+        lesions = []
+        if label:
+            cell = int(rng.integers(0, len(coords) - 1))
+            if cell % 6 == 5:
+                cell -= 1
+            x[[cell, cell + 1]] += direction  # two neighbouring patches, covered by one annotation
+            cx, cy = coords[cell]
+            lesions = [polygon_annotation([[[cx + 100, cy + 100], [cx + 900, cy + 100], [cx + 900, cy + 400],
+                                            [cx + 100, cy + 400], [cx + 100, cy + 100]]], "STAS")]
+        with h5py.File(root / "features" / f"s{i:02d}.h5", "w") as handle:
+            handle["features"] = x
+            handle["coords"] = coords
+            handle.attrs["patch_size_level0"] = 512
+        write_annotations(root / "annotations" / f"s{i:02d}.geojson", lesions)
+        rows.append(f"s{i:02d},slides/s{i:02d}.tif,{label},p{i % 2 if i < 4 else i},c{'AB'[i % 2]},annotations/s{i:02d}.geojson")
+    (root / "datalist.csv").write_text("\n".join(rows) + "\n")
+    return root / "datalist.csv"
+
+
+def test_compare_and_evaluate_write_localisation(tmp_path):
+    """Out-of-fold attention per method in the comparison, fold-ensemble attention in evaluation."""
+    import functools
+
+    from scripts.compare import compare_methods, load_bags
+    from scripts.datalist import annotation_paths
+    from scripts.evaluate import evaluate_cohort
+    from scripts.splits import make_splits
+    from scripts.training import TrainSettings, create_optimizer
+
+    datalist = _feature_cohort(tmp_path)
+    bags = load_bags(datalist, tmp_path / "features")
+    annotations = annotation_paths(datalist)
+    assert len(annotations) == 24
+    splits = make_splits(bags, n_folds=3, seed=0)
+    settings = TrainSettings(epochs=30, batch_size=4, optimizer=functools.partial(create_optimizer, name="adam", lr=2e-3),
+                             progress=False, device="cpu", num_threads=1, patience=0)
+    comparison = compare_methods(bags, splits, settings, tmp_path / "out", methods=["smile", "mean_pool"],
+                                 method_kwargs={"smile": {"embed_dim": 16, "attention_dim": 8}},
+                                 n_bootstrap=100, paired_bootstrap=100, annotations=annotations, top_k=2)
+    rows = {r["method"]: r for r in comparison["rows"]}
+    assert rows["smile"]["localisation_slides"] == 12
+    assert rows["smile"]["pooled_auc"] > 0.9  # learnt, and the attention finds the annotated patches:
+    assert rows["smile"]["attention_auc"] > 0.9 and rows["smile"]["top_k_hit_rate"] > 0.8
+    assert rows["mean_pool"]["attention_auc"] is None  # no attention: no localisation figures
+    summary = json.loads((tmp_path / "out" / "compare" / "smile" / "localisation_summary.json").read_text())
+    assert summary["n_slides"] == 12 and summary["top_k"] == 2
+    markdown = (tmp_path / "out" / "compare" / "comparison.md").read_text()
+    assert "top-2 hit rate" in markdown and "n/a (no attention)" in markdown
+
+    result = evaluate_cohort(bags, tmp_path / "out" / "compare" / "smile" / "cv", tmp_path / "eval",
+                             n_bootstrap=100, annotations=annotations, top_k=2)
+    assert result["localisation"]["n_slides"] == 12
+    assert (tmp_path / "eval" / "evaluation" / "localisation_summary.json").is_file()
+    assert len(list((tmp_path / "eval" / "evaluation" / "localisation").glob("*.csv"))) == 24
