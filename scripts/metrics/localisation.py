@@ -224,17 +224,21 @@ def bag_attention(model, features) -> np.ndarray | None:
 
 
 def patch_geometry(feature_file: str | Path) -> tuple[np.ndarray, float]:
-    """Level-0 patch corners (N, 2) and patch side of a feature file (attributes as inference reads them)."""
-    import h5py
+    """Level-0 patch corners (N, 2) and patch side of a feature file (bundle, CLAM or TRIDENT layout).
 
-    from scripts.inference import _patch_size_level0
+    The patch side comes from :func:`scripts.formats.feature_file.patch_geometry` (the file's attributes,
+    else the patch file beside it), the one place that decides it for inference too.
+    """
+    from scripts.formats.feature_file import patch_geometry as file_geometry
+    from scripts.formats.feature_file import read_features
 
     feature_file = Path(feature_file)
-    with h5py.File(feature_file, "r") as handle:
-        if "coords" not in handle:
-            raise ValueError(f"{feature_file} has no 'coords' dataset: localisation needs patch coordinates")
-        coords = handle["coords"][()]
-    return np.asarray(coords).reshape(-1, 2), _patch_size_level0(feature_file, OutputLayout(feature_file.parent.parent).patches_dir / feature_file.name)
+    _, coords = read_features(feature_file)
+    geometry = file_geometry(feature_file, feature_file.stem, OutputLayout(feature_file.parent.parent).root)
+    if geometry.patch_size_level0 is None:
+        raise ValueError(f"{feature_file}: cannot tell the patch size in level-0 pixels (no patch_size_level0 "
+                         "attribute and no patch file beside it); re-run preprocessing")
+    return np.asarray(coords).reshape(-1, 2), float(geometry.patch_size_level0)
 
 
 __all__ = [
