@@ -183,11 +183,13 @@ def _preprocess_open_slide(record, settings, output_dir, h5_path, png_path, star
         raise SlideReadError(f"slide {record.slide_id!r} has no path in the datalist")
     transforms = settings.transforms if settings.transforms is not None else default_slide_transforms(settings)
     data = {"image": str(record.path), "slide_id": record.slide_id, "mpp": record.mpp}
+    level_dimensions: list = []
     try:
         data, seconds = run_slide_transforms(transforms, data)
     finally:
         handle = data.get("wsi")
         if handle is not None:
+            level_dimensions = list(getattr(handle, "level_dimensions", None) or [])
             handle.close()
     mpp, thumb, mask, mask_ds, grid = data["mpp"], data["thumbnail"], data["tissue_mask"], data["mask_downsample"], data["grid"]
     info = data["tissue_info"]
@@ -199,6 +201,9 @@ def _preprocess_open_slide(record, settings, output_dir, h5_path, png_path, star
                  slide_fingerprint=slide_fingerprint(record.path),
                  slide_id=record.slide_id, tissue_area_mm2=round(info["tissue_area_mm2"], 4),
                  min_tissue_fraction=settings.min_tissue_fraction)
+    if level_dimensions:  # CLAM's level_dim / TRIDENT's level0_width, level0_height (scripts.formats.patch_file)
+        attrs.update(level0_width=int(level_dimensions[0][0]), level0_height=int(level_dimensions[0][1]))
+    read_level_dim = level_dimensions[grid.level] if grid.level < len(level_dimensions) else None
     n = len(grid.coords)
     if n == 0:
         status = "no_tissue"
@@ -208,7 +213,7 @@ def _preprocess_open_slide(record, settings, output_dir, h5_path, png_path, star
             h5_path.unlink()  # a stale bag from an earlier run must not be used
     else:
         status = "ok"
-        write_patch_file(h5_path, grid.coords, attrs)
+        write_patch_file(h5_path, grid.coords, attrs, level_dim=read_level_dim)
     if settings.preview:
         save_preview(png_path, thumb, mask, mask_ds, grid.coords, grid.patch_size_level0, settings.preview_size,
                      title=f"{record.slide_id}: {n} patches")

@@ -711,10 +711,10 @@ def config_cross_validation(
     """
     parser = parser or active_config_parser()
     seed = int(parser.get_parsed_content("seed"))
-    cv_dir = Path(output_dir) / "cv" if output_dir is not None else Path("cv")
+    layout = OutputLayout(output_dir if output_dir is not None else ".")
 
     def train_one(k: int, train: list, val: list):
-        return train_from_config(parser, train, val, cv_dir / f"fold{k}", seed + k, run_name=f"fold{k}", bags=bags)
+        return train_from_config(parser, train, val, layout.fold_dir(k), seed + k, run_name=f"fold{k}", bags=bags)
 
     settings = TrainSettings(batch_size=int(batch_size), seed=seed)
     return run_cross_validation(None, bags, splits, settings, output_dir=output_dir, n_bootstrap=n_bootstrap,
