@@ -274,8 +274,10 @@ def test_compare_and_evaluate_write_localisation(tmp_path):
     markdown = (tmp_path / "out" / "compare" / "comparison.md").read_text()
     assert "top-2 hit rate" in markdown and "n/a (no attention)" in markdown
 
+    # evaluation's localisation files (the cohort is the training one: refused unless allowed, then stamped)
     result = evaluate_cohort(bags, tmp_path / "out" / "compare" / "smile" / "cv", tmp_path / "eval",
-                             n_bootstrap=100, annotations=annotations, top_k=2)
+                             n_bootstrap=100, annotations=annotations, top_k=2, allow_overlap=True)
+    assert result["overlap"]["in_sample"] is True
     assert result["localisation"]["n_slides"] == 12
     assert (tmp_path / "eval" / "evaluation" / "localisation_summary.json").is_file()
     assert len(list((tmp_path / "eval" / "evaluation" / "localisation").glob("*.csv"))) == 24
