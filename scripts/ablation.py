@@ -1,6 +1,6 @@
 """SMILE's threshold x factor ablation (the paper's Table 2 grid) on the comparison's splits.
 
-    python -m monai.bundle run ablation --config_file configs/compare.json --datalist <csv> --output_dir <out>
+    python -m monai.bundle run ablation --config_file "['configs/train.json','configs/compare.json']" --datalist <csv> --output_dir <out>
 
 For every (threshold, factor) of the grid (default threshold {0.4, ..., 0.8} x factor {0.3, ..., 0.8})
 SMILE is cross-validated on the same ``<out>/splits.json`` folds with the same training settings.

@@ -2,9 +2,13 @@
 
 Run with the bundle config (see docs/compare.md)::
 
-    python -m monai.bundle run --config_file configs/compare.json --datalist <csv> --output_dir <out> \\
-        [--methods "['smile','abmil_gated','clam_sb']"] [--epochs N]
-    python -m monai.bundle run --config_file configs/compare.json --data musk1.npz --output_dir <out>
+    python -m monai.bundle run --config_file "['configs/train.json','configs/compare.json']" \\
+        --datalist <csv> --output_dir <out> [--methods "['smile','abmil_gated','clam_sb']"] [--epochs N]
+    python -m monai.bundle run --config_file "['configs/train.json','configs/compare.json']" --data musk1.npz --output_dir <out>
+
+``configs/compare.json`` is an overlay on ``configs/train.json``: the training recipe (optimiser, epochs,
+batch size, early stopping, seed, device), the paths and the splits come from ``train.json``;
+``compare.json`` adds the methods, the tests and the ablation/transfer grids.
 
 Every chosen method is trained with :func:`scripts.training.run_cross_validation` on the same folds
 (``<out>/splits.json``, made once and reused) and the same training settings. Outputs under

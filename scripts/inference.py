@@ -1,9 +1,15 @@
 """Inference on raw slides: slide -> tissue patches -> features -> SMILE (fold ensemble) -> outputs.
 
-Run by ``configs/inference.json``::
+Run by ``configs/inference.json``, an overlay on the extraction and preprocessing configs (their encoder,
+reader, tissue and patch-grid blocks are used as they are, with every override they take)::
 
-    python -m monai.bundle run --config_file configs/inference.json --meta_file configs/metadata.json \
-        --logging_file configs/logging.conf --datalist <csv> --output_dir <dir> [--checkpoints <train_out>/cv]
+    python -m monai.bundle run \
+        --config_file "['configs/extract.json','configs/preprocess.json','configs/inference.json']" \
+        --meta_file configs/metadata.json --logging_file configs/logging.conf \
+        --datalist <csv> --output_dir <dir> [--checkpoints <train_out>/cv]
+
+(in that order: the slide reader is preprocess.json's). ``configs/inference.json`` alone holds the network
+(``network_def``), the dataset and the evaluator ids the Model Zoo tools read.
 
 Per slide it writes (all atomically)::
 
@@ -55,6 +61,9 @@ from scripts.formats.feature_file import (  # noqa: F401 - read_features re-expo
 from scripts.errors import raise_if_all_failed
 from scripts.formats.layout import OutputLayout
 from scripts.io_utils import write_csv
+
+# the config-file list of the inference workflow (see the module docstring)
+INFERENCE_CONFIGS = "['configs/extract.json','configs/preprocess.json','configs/inference.json']"
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Cross-centre transfer: train on one centre, test on every other centre.
 
-    python -m monai.bundle run transfer --config_file configs/compare.json --datalist <csv> --output_dir <out>
+    python -m monai.bundle run transfer --config_file "['configs/train.json','configs/compare.json']" --datalist <csv> --output_dir <out>
 
 For each training centre (the datalist's ``center`` column) and each method of ``transfer_methods``:
 the centre's slides are split by patient (stratified) into training and validation parts; the model is

@@ -1,4 +1,5 @@
-"""Method comparison, SMILE ablation and cross-centre transfer (configs/compare.json), and the one-switch
+"""Method comparison, SMILE ablation and cross-centre transfer (configs/compare.json, an overlay on
+configs/train.json), and the one-switch
 method builder (scripts/methods.py) used by configs/train.json."""
 
 from __future__ import annotations
@@ -39,9 +40,12 @@ def make_cohort(root, n_slides=30, n_patients=20, dim=DIM, seed=0):
     return root / "datalist.csv", root / "out"
 
 
+COMPARE_CONFIGS = "['configs/train.json','configs/compare.json']"
+
+
 def bundle_run(bundle_root, *args, run_id=None, timeout=240):
     argv = [sys.executable, "-m", "monai.bundle", "run"] + ([run_id] if run_id else [])
-    argv += ["--config_file", "configs/compare.json", "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf"]
+    argv += ["--config_file", COMPARE_CONFIGS, "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf"]
     done = subprocess.run(argv + list(args), cwd=bundle_root, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
     return done
@@ -176,3 +180,44 @@ def test_paired_tests_and_holm():
     assert tests["same"]["delong_p"] == 1.0 and tests["same"]["bootstrap_p"] == 1.0
     assert tests["noise"]["bootstrap_patients"] == 40
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+
+
+def test_compare_json_is_an_overlay_on_train_json(bundle_root):
+    """compare.json holds only what comparison adds or changes; the training recipe, splits and paths come from
+    train.json, so one override there reaches every method, grid cell and transfer model."""
+    from monai.bundle import ConfigParser
+
+    train = json.loads((bundle_root / "configs" / "train.json").read_text())
+    overlay = json.loads((bundle_root / "configs" / "compare.json").read_text())
+    repeated = [k for k, v in overlay.items() if train.get(k.lstrip("+")) == v]
+    assert not repeated, f"compare.json repeats train.json: {repeated}"
+    recipe = {"bundle_root", "datalist", "output_dir", "features_dir", "splits", "device", "n_folds", "val_fraction",
+              "seed", "epochs", "batch_size", "optimizer_name", "lr", "weight_decay", "patience", "monitor",
+              "num_workers", "num_threads", "n_bootstrap", "optimizer", "loss", "train_settings", "cv_splits"}  # fmt: skip
+    assert not recipe & set(overlay), recipe & set(overlay)
+    parser = ConfigParser()
+    parser.read_config([str(bundle_root / "configs" / "train.json"), str(bundle_root / "configs" / "compare.json")])
+    parser["lr"], parser["epochs"], parser["data"] = 0.0123, 7, "musk1.npz"  # as --lr / --epochs / --data would
+    for key in ("comparison", "ablation_grid", "transfer_matrix"):
+        settings = parser.get_parsed_content(key).keywords["settings"]
+        assert settings.epochs == 7 and settings.optimizer.keywords["lr"] == 0.0123 and settings.progress is False
+    assert parser["run"] == "@comparing" and parser["bags"]["_target_"] == "scripts.compare.load_bags"
+    assert parser["training"] == train["training"]  # train.json's own workflows stay reachable
+
+
+def test_comparison_smile_row_reproduces_the_training_workflow(tmp_path, bundle_root):
+    """Through the overlay the comparison's SMILE is train.json's: same splits, recipe and seeds give the same
+    out-of-fold probabilities as `run training` (docs/compare.md states it)."""
+    datalist, out = make_cohort(tmp_path, n_slides=24, n_patients=16)
+    common = ["--datalist", str(datalist), "--output_dir", str(out), "--n_folds", "2", "--epochs", "3", "--batch_size", "4",
+              "--lr", "0.001", "--optimizer_name", "adam", "--num_threads", "1", "--n_bootstrap", "20"]  # fmt: skip
+    train = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json", *common]
+    done = subprocess.run(train, cwd=bundle_root, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    bundle_run(bundle_root, *common, "--methods", "['smile']", "--floor", "false", "--paired_bootstrap", "20")
+    trained = {r["slide_id"]: float(r["prob"]) for r in read_csv(out / "cv" / "oof_predictions.csv")}
+    compared = {r["slide_id"]: float(r["prob"]) for r in read_csv(out / "compare" / "smile" / "cv" / "oof_predictions.csv")}
+    assert len(trained) == 24 and set(compared) == set(trained)
+    assert len(set(trained.values())) > 4  # real, varied predictions
+    for slide, prob in trained.items():
+        assert compared[slide] == pytest.approx(prob, abs=1e-6), slide

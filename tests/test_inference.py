@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.inference import SlideInference, load_checkpoint_model, predict_bag, resolve_checkpoints
+from scripts.inference import INFERENCE_CONFIGS, SlideInference, load_checkpoint_model, predict_bag, resolve_checkpoints
 from scripts.networks.bag_classifier import BagClassifier
 
 pytest.importorskip("scripts.networks.smile")
@@ -63,7 +63,7 @@ def test_inference_cli_on_cmu_region(shared_slides, tmp_path, bundle_root):
     _fold_checkpoints(tmp_path / "train" / "cv")
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(bundle_root))
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFERENCE_CONFIGS,
            "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
            "--datalist", str(tmp_path / "datalist.csv"), "--output_dir", str(out),
            "--checkpoints", str(tmp_path / "train" / "cv"), "--top_k", "4"]
@@ -143,7 +143,7 @@ def test_raw_slides_end_to_end(shared_slides, tmp_path, bundle_root):
         w.writerow(["broken", str(shared_slides / "broken.svs"), "", "p3", "c3", ""])
     _fold_checkpoints(tmp_path / "cv", n=2, thresholds=(0.4, 0.6))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFERENCE_CONFIGS,
            "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
            "--datalist", str(datalist), "--output_dir", str(out), "--checkpoints", str(tmp_path / "cv"),
            "--allow_random_weights", "true", "--num_workers", "1", "--top_k", "4",
@@ -189,3 +189,40 @@ def test_subset_datalist(tmp_path, shared_slides):
                     add=[str(shared_slides / "cmu-1-small-region.svs"), str(tmp_path / "missing.svs")])
     records = load_datalist(tmp_path / "sub.csv", require_labels=False)
     assert [r.slide_id for r in records] == ["s0", "s1", "cmu-1-small-region"]
+
+
+def test_inference_json_is_an_overlay_on_preprocess_and_extract(bundle_root):
+    """inference.json repeats no block of preprocess.json / extract.json: their tissue, reader, patch-grid and
+    encoder blocks (and every override they take) are what inference runs; inference.json alone still builds
+    network_def (what the Model Zoo tools load)."""
+    import ast
+
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    configs = bundle_root / "configs"
+    overlay = json.loads((configs / "inference.json").read_text())
+    for base in ("preprocess.json", "extract.json"):
+        shared = json.loads((configs / base).read_text())
+        repeated = sorted(k for k, v in overlay.items() if k in shared and shared[k] == v)
+        # ids the Model Zoo's infer property check resolves on inference.json alone
+        assert set(repeated) <= {"bundle_root", "datalist", "output_dir"}, f"inference.json repeats {base}: {repeated}"
+    for block in ("tissue", "reader", "open_transform", "tissue_transform", "grid_transform", "slide_transforms",
+                  "settings", "encoder", "encoder_weights", "patch_size", "target_mpp", "backends"):
+        assert block not in overlay, block
+    parser = ConfigParser()
+    parser.read_config([str(bundle_root / p) for p in ast.literal_eval(INFERENCE_CONFIGS)])
+    parser.update({"bundle_root": str(bundle_root), "patch_size": 128, "tissue#min_saturation": 40,
+                   "allow_random_weights": True, "encoder_weights": "/nonexistent.pth", "encoder_name": "ctranspath"})
+    stage = parser.get_parsed_content("patch_stage")
+    assert stage.settings.patch_size == 128 and stage.settings.tissue.min_saturation == 40  # preprocess.json's blocks
+    assert isinstance(stage.settings.transforms, Compose)
+    assert stage.settings.transforms.transforms[2].patch_size == 128
+    assert stage.settings.transforms.transforms[0].reader is parser.get_parsed_content("reader")
+    assert tuple(parser.get_parsed_content("reader").backends) == tuple(json.loads((configs / "preprocess.json").read_text())["backends"])
+    encoder = parser.get_parsed_content("feature_stage").encoder_factory  # extract.json's encoder, built lazily
+    assert callable(encoder) and encoder.keywords["name"] == "ctranspath" and encoder.keywords["weights"] == "/nonexistent.pth"
+    alone = ConfigParser()
+    alone.read_config(str(configs / "inference.json"))
+    alone["bundle_root"] = str(bundle_root)
+    assert isinstance(alone.get_parsed_content("network_def"), BagClassifier)

@@ -27,8 +27,14 @@ class LeftHalfTissue(TissueMaskd):
 
 
 def parse(bundle_root, name, **overrides):
+    """``name``'s config; inference.json as it runs, an overlay on extract.json and preprocess.json."""
+    import ast
+
+    from scripts.inference import INFERENCE_CONFIGS
+
+    names = [p.split("/")[-1] for p in ast.literal_eval(INFERENCE_CONFIGS)] if name == "inference.json" else [name]
     parser = ConfigParser()
-    parser.read_config(str(bundle_root / "configs" / name))
+    parser.read_config([str(bundle_root / "configs" / n) for n in names])
     parser.update({"bundle_root": str(bundle_root), **overrides})
     return parser
 

@@ -2,11 +2,13 @@
 
     python -m scripts.benchmarks.extract [--slide PATH] [--n_patches 64] [--batch_sizes 8,32]
         [--encoder ctranspath] [--weights models/ctranspath.pth] [--device auto] [--compile auto]
-        [--num_workers 2] [--threads 0]
+        [--num_workers 2] [--threads 0] [--precisions auto|fp32,bf16]
 
 * reading: ``scripts.wsi.patches.iter_patch_batches`` over a grid of 256-px patches of the slide (decode + copy, no encoder);
 * encoder: uint8 patches already in memory -> preprocessing (resize 256->224, normalise) -> encoder;
-  on CUDA in bf16 autocast, for each batch size, without and with ``torch.compile``;
+  on CUDA in bf16 autocast, for each batch size, without and with ``torch.compile``; ``--precisions
+  fp32,bf16`` times the encoder in each precision, one after the other in the same run (on CPUs with
+  native bfloat16, AVX512-BF16 or AMX, bf16 autocast is the faster one; without, the slower);
 * end to end: the extraction workflow on those patches (reader thread + encoder + HDF5 writing);
 * precision: the features of the same real patches of the slide with bf16 autocast versus fp32 on the
   chosen device (CPU autocast runs bf16 too): per-patch cosine similarity (min, mean), relative L2
@@ -139,6 +141,7 @@ def main(
     threads: int = 0,
     read_patches_n: int = 512,
     precision_patches: int = 64,
+    precisions: str | tuple = "auto",
 ) -> None:
     """Print patches/s for reading only, encoder only (per batch size, +/- torch.compile) and end to end."""
     slide = Path(slide)
@@ -163,11 +166,17 @@ def main(
     coords = _grid(slide, read_patches_n)
     for bs in sorted(set(sizes) | {32}):
         print(f"{'reading (workers=%d)' % num_workers:<34}{bs:>6}{_rate(1, 1 / bench_reading(slide, coords, bs, num_workers))}")
-    for compiled in compile_modes:
-        for bs in sizes:
-            rate = bench_encoder(enc, dev, bs, max(n_patches, bs * 3 if dev.type == "cuda" else n_patches), compiled)
-            label = "encoder" + (" + torch.compile" if compiled else "")
-            print(f"{label:<34}{bs:>6}{rate:12.1f}")
+    if isinstance(precisions, str):
+        precisions = precisions.split(",")
+    default_precision = enc.precision
+    for precision in precisions:
+        enc.precision = precision.strip()
+        for compiled in compile_modes:
+            for bs in sizes:
+                rate = bench_encoder(enc, dev, bs, max(n_patches, bs * 3 if dev.type == "cuda" else n_patches), compiled)
+                label = "encoder" + (" + torch.compile" if compiled else "") + ("" if enc.precision == "auto" else f" ({enc.precision})")
+                print(f"{label:<34}{bs:>6}{rate:12.1f}")
+    enc.precision = default_precision
     e2e_bs = max(sizes)
     rate = bench_end_to_end(slide, _grid(slide, n_patches), enc, dev, e2e_bs, num_workers)
     print(f"{'end to end (workflow)':<34}{e2e_bs:>6}{rate:12.1f}")
