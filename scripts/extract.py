@@ -10,7 +10,7 @@ and ``<output_dir>/extract_summary.csv`` (slide_id, status, error, n_patches, se
 encoder, weights_sha256 - "random" marks features from random weights).
 
 Behaviour
-* Each slide runs the per-slide transforms configs/extract.json declares (``slide_transforms``: open the
+* Each slide runs the per-slide transforms configs/extract.json declares (``extract_transforms``: open the
   slide with the reader component, read the patches in batches; ``encoder_transform``: the encoder's resize
   and normalisation), so a step is swapped with a one-line override. A read-ahead thread
   (:class:`scripts.transforms.prefetch.SlidePrefetcher`) runs them for the next batches, also of the next
@@ -138,7 +138,7 @@ def reader_backends(reader_backend: str | Sequence[str]) -> tuple[str, ...]:
 
 def default_slide_transforms(reader=None, batch_size: int = 32, num_workers: int = 2,
                              backends: Sequence[str] = DEFAULT_BACKENDS):
-    """The ``slide_transforms`` configs/extract.json declares: ``OpenSlided`` (the slide opened by the reader
+    """The ``extract_transforms`` configs/extract.json declares: ``OpenSlided`` (the slide opened by the reader
     component, ``SlideWSIReader`` over ``backends`` when ``reader`` is None) then ``ReadPatchesd`` (batches)."""
     from monai.transforms import Compose
 
@@ -226,7 +226,7 @@ class FeatureExtractionWorkflow:
             configs/extract.json); its backends, in its order, open the slides (overrides ``reader_backend``).
         reader_backend: "auto" (cuCIM behind its crash-safe probe, then OpenSlide, tifffile, DICOM: see
             ``scripts.wsi.open``) or one of "cucim", "openslide", "tifffile", "dicom".
-        slide_transforms: per-slide transforms (configs/extract.json ``slide_transforms``: a Compose of
+        slide_transforms: per-slide transforms (configs/extract.json ``extract_transforms``: a Compose of
             ``OpenSlided`` and ``ReadPatchesd``); None builds that default from ``reader``.
         encoder_transform: uint8 batch -> encoder input (``EncoderInputd``); None: the encoder's own.
         num_threads: torch CPU threads (0: torch's default, divided among ranks sharing a CPU machine).

@@ -58,7 +58,7 @@ def test_extract_config_reads_patches_through_the_reader_component(bundle_root):
     assert isinstance(reader, BaseWSIReader) and reader.backends == ("tifffile",)
     workflow = parser.get_parsed_content("workflow")
     assert workflow.backends == ("tifffile",)
-    compose = parser.get_parsed_content("slide_transforms")
+    compose = parser.get_parsed_content("extract_transforms")
     assert isinstance(compose, Compose) and workflow.slide_transforms is compose
     assert [type(t).__name__ for t in compose.transforms] == ["OpenSlided", "ReadPatchesd"]
     assert compose.transforms[0].reader is reader

@@ -6,7 +6,7 @@ batch (B, H, W, 3); the slide's error, if any, is raised from the iterator. :fun
 for one slide, read when asked (no thread); :class:`SlidePrefetcher` gives the same items for a list of
 slides, read ``depth`` batches ahead, across slide boundaries.
 
-The transforms are the ``slide_transforms`` Compose of configs/extract.json (``OpenSlided`` then
+The transforms are the ``extract_transforms`` Compose of configs/extract.json (``OpenSlided`` then
 ``ReadPatchesd`` by default): any chain that leaves ``data["patches"]`` (an iterator of ``(patches, coords)``)
 and, optionally, ``data["wsi"]`` (closed after the slide) and ``data["backend"]`` will do.
 
