@@ -459,7 +459,7 @@ def extract_slide(
                 writer = _SlideWriter(final, info, encoder, payload, rank, world, precision=str(encoder.precision),
                                       pt_file=pt_file)
                 continue
-            batch = torch.from_numpy(payload).to(device, non_blocking=True)
+            batch = torch.as_tensor(payload).to(device, non_blocking=True)  # (CUDA tensors when decoded there)
             feats = encoder.embed(to_input({"patches": batch})["patches"])
             writer.write(feats.cpu().numpy())
             if on_batch is not None:

@@ -104,14 +104,22 @@ class ReadPatchesd(MapTransform):
     path (opened with ``backends`` and closed when the iterator ends). Reading is lazy: nothing is read until
     the iterator is consumed, in batches of ``batch_size`` (cuCIM's batched reads when the probe accepted
     the file, else ``num_workers`` threads; :class:`scripts.wsi.patches.PatchReader`).
+
+    ``decode_device``: ``cpu``, ``cuda`` (cuCIM decodes on the GPU and the batches are CUDA tensors; other
+    backends still decode on the CPU) or ``auto`` (``cuda`` when a GPU and cuCIM with CUDA are usable):
+    :func:`scripts.wsi.gpu_decode.resolve_decode_device`. ``data["decode_device"]`` says what was used.
     """
 
     def __init__(self, keys: KeysCollection = "wsi", backends: Sequence[str] | None = None,
-                 out_size: int | None = None, batch_size: int = 32, num_workers: int = 2) -> None:
+                 out_size: int | None = None, batch_size: int = 32, num_workers: int = 2,
+                 decode_device: str = "cpu") -> None:
+        from scripts.wsi.gpu_decode import resolve_decode_device
+
         super().__init__(keys)
         self.backends = tuple(backends) if backends else None
         self.out_size = None if out_size is None else int(out_size)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.decode_device = resolve_decode_device(decode_device, "cuda" if torch.cuda.is_available() else "cpu")
 
     def __call__(self, data):
         from scripts.wsi.open import DEFAULT_BACKENDS
@@ -122,13 +130,18 @@ class ReadPatchesd(MapTransform):
         level = int(d["level"] if grid is None else grid.level)
         read_size = int(d["read_size"] if grid is None else grid.read_size_level)
         out_size = self.out_size or int(d.get("patch_size") or 256)
-        args = (d["coords"], read_size, level, out_size, self.batch_size, self.num_workers)
+        args = (d["coords"], read_size, level, out_size, self.batch_size, self.num_workers, self.decode_device)
         for key in self.key_iterator(d):
             source = d[key]
             if isinstance(source, (str, os.PathLike)):
                 d["patches"] = iter_patch_batches(source, *args, backends=self.backends or DEFAULT_BACKENDS)
+                d["decode_device"] = self.decode_device  # (a non-cuCIM file still decodes on the CPU)
             else:
+                gpu = self.decode_device == "cuda" and source.backend == "cucim"
                 d["patches"] = PatchReader(handle=source).batches(*args)
+                d["decode_device"] = "cuda" if gpu else "cpu"
+                if gpu:
+                    d["backend"] = f"{source.backend} (cuda decode)"
         return d
 
 

@@ -31,6 +31,24 @@ def resize_rgb(patch: np.ndarray, out_size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(patch).resize((out_size, out_size), Image.BILINEAR))
 
 
+def crosses_edge(xy, size: int, downsample: float, level_size: tuple[int, int]) -> bool:
+    """True when the (size x size) region at level-0 ``xy`` = (x, y) runs past the read level's edge."""
+    lx, ly = int(math.floor(xy[0] / downsample)), int(math.floor(xy[1] / downsample))
+    return lx < 0 or ly < 0 or lx + size > level_size[0] or ly + size > level_size[1]
+
+
+def paint_outside_white(patch, xy, size: int, downsample: float, level_size: tuple[int, int]):
+    """Set the part of ``patch`` (H, W, C; a numpy array or a torch tensor, changed in place and returned)
+    that lies past the read level's edge (``level_size`` = width, height) to white."""
+    level_w, level_h = level_size
+    lx, ly = int(math.floor(xy[0] / downsample)), int(math.floor(xy[1] / downsample))
+    patch[max(0, level_h - ly):, :] = 255
+    patch[:, max(0, level_w - lx):] = 255
+    patch[: max(0, -ly), :] = 255
+    patch[:, : max(0, -lx)] = 255
+    return patch
+
+
 class PatchReader:
     """A slide opened for reading patch grids (feature extraction); ``backend`` names the reader in use.
 
@@ -69,8 +87,13 @@ class PatchReader:
         out_size: int = 256,
         batch_size: int = 64,
         num_workers: int = 2,
+        decode_device: str = "cpu",
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(patches (B, out_size, out_size, 3) uint8, coords (B, 2))`` in the order of ``coords``.
+
+        ``decode_device="cuda"`` (resolved by :func:`scripts.wsi.gpu_decode.resolve_decode_device`) makes
+        cuCIM decode on the GPU and yields CUDA tensors instead of arrays (:mod:`scripts.wsi.gpu_decode`;
+        not yet run on a GPU); other backends decode on the CPU whatever it says.
 
         Each patch is the ``read_size_level`` x ``read_size_level`` region at ``level`` whose level-0
         top-left is ``coords[i]`` = (x, y), resized to ``out_size``. Every yielded array is freshly
@@ -85,6 +108,12 @@ class PatchReader:
         if size < 1:
             raise ValueError(f"{self.path}: region size to read is {size} px")
         if len(coords) == 0:
+            return
+        if self.backend == "cucim" and decode_device == "cuda":
+            from scripts.wsi.gpu_decode import cucim_cuda_batches
+
+            yield from cucim_cuda_batches(self.handle.raw, coords, size, level, int(out_size), batch_size, num_workers,
+                                          self.handle.level_downsamples[level], self.handle.level_dimensions[level])
             return
         if self.backend == "cucim":
             yield from self._cucim_batches(coords, size, level, int(out_size), batch_size, num_workers)
@@ -118,15 +147,10 @@ class PatchReader:
                 array = array[None]
             chunk = coords[start : start + len(array)]
             out = np.empty((len(array), out_size, out_size, 3), np.uint8)
-            for i, (patch, (x, y)) in enumerate(zip(array, chunk)):
+            for i, (patch, xy) in enumerate(zip(array, chunk)):
                 patch = to_rgb(patch)
-                lx, ly = int(math.floor(x / downsample)), int(math.floor(y / downsample))
-                if lx + size > level_w or ly + size > level_h or lx < 0 or ly < 0:  # cuCIM pads with black
-                    patch = patch.copy()
-                    patch[max(0, level_h - ly) :, :] = 255
-                    patch[:, max(0, level_w - lx) :] = 255
-                    patch[: max(0, -ly), :] = 255
-                    patch[:, : max(0, -lx)] = 255
+                if crosses_edge(xy, size, downsample, (level_w, level_h)):  # cuCIM pads with black
+                    patch = paint_outside_white(patch.copy(), xy, size, downsample, (level_w, level_h))
                 out[i] = resize_rgb(patch, out_size)
             del array, batch
             start += len(out)
