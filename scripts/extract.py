@@ -10,7 +10,11 @@ and ``<output_dir>/extract_summary.csv`` (slide_id, status, error, n_patches, se
 encoder, weights_sha256 - "random" marks features from random weights).
 
 Behaviour
-* A reader thread reads and decodes the next batches (also of the next slide) while the encoder runs.
+* Each slide runs the per-slide transforms configs/extract.json declares (``extract_transforms``: open the
+  slide with the reader component, read the patches in batches; ``encoder_transform``: the encoder's resize
+  and normalisation), so a step is swapped with a one-line override. A read-ahead thread
+  (:class:`scripts.transforms.prefetch.SlidePrefetcher`) runs them for the next batches, also of the next
+  slide, while the encoder runs; :func:`extract_slide` encodes and writes one slide, the workflow is a loop.
 * Every file is written to a temporary name and renamed when complete. A re-run skips slides whose feature
   file is complete and matches the patch file and the encoder; a slide interrupted mid-way (its temporary
   file left behind by a killed process) is extracted again from scratch.
@@ -21,16 +25,13 @@ Behaviour
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import queue
 import re
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +47,8 @@ from scripts.formats.patch_file import PatchFile, PatchFileError, find_patch_fil
 from scripts.formats.patch_file import read_patch_file as read_coordinate_file
 from scripts.formats.patch_file import slide_fingerprint
 from scripts.wsi.open import DEFAULT_BACKENDS
-from scripts.wsi.patches import PatchReader, warm_up
+from scripts.transforms.prefetch import SlidePrefetcher, slide_items
+from scripts.wsi.patches import warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -134,8 +136,81 @@ def reader_backends(reader_backend: str | Sequence[str]) -> tuple[str, ...]:
     return names
 
 
+def default_slide_transforms(reader=None, batch_size: int = 32, num_workers: int = 2,
+                             backends: Sequence[str] = DEFAULT_BACKENDS):
+    """The ``extract_transforms`` configs/extract.json declares: ``OpenSlided`` (the slide opened by the reader
+    component, ``SlideWSIReader`` over ``backends`` when ``reader`` is None) then ``ReadPatchesd`` (batches)."""
+    from monai.transforms import Compose
+
+    from scripts.transforms import OpenSlided, ReadPatchesd
+    from scripts.wsi.reader import SlideWSIReader
+
+    reader = reader if reader is not None else SlideWSIReader(backends, require_mpp=False)
+    return Compose([OpenSlided("image", reader=reader),
+                    ReadPatchesd("wsi", batch_size=batch_size, num_workers=num_workers)])
+
+
+def slide_input(info: PatchInfo) -> dict:
+    """The dictionary a slide's transforms start from: the slide path and its patch file's grid."""
+    return {"image": str(info.slide_path), "slide_id": info.slide_id, "coords": info.coords, "level": info.level,
+            "read_size": info.read_size, "patch_size": info.patch_size}
+
+
+def _new_row(slide_id: str, encoder: Encoder) -> dict:
+    return {"slide_id": slide_id, "status": "", "error": "", "n_patches": 0, "seconds": 0.0,
+            "patches_per_s": 0.0, "encoder": encoder.name, "weights_sha256": encoder.weights_sha256}
+
+
+def _fail(row: dict, exc: BaseException) -> None:
+    row["status"] = "failed"
+    row["error"] = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
+    logger.error("%s failed: %s", row["slide_id"], row["error"])
+
+
+def plan_slide(record, encoder: Encoder, output_dir: str | Path, overwrite: bool = False,
+               write_pt_files: bool = False) -> tuple[dict, PatchInfo | None]:
+    """The slide's summary row and its patch grid when it needs extracting; ``(row, None)`` when the row is
+    already final: ``skipped`` (a complete feature file from this slide file and encoder exists),
+    ``precomputed`` (no slide path, features given) or ``failed`` (no patch file, ...). Never raises."""
+    layout = OutputLayout(output_dir)
+    row = _new_row(record.slide_id, encoder)
+    final = layout.features_dir / f"{record.slide_id}.h5"
+    try:
+        if record.path is None:
+            row["status"] = "precomputed" if record.features else "failed"
+            row["error"] = "" if record.features else "no slide path in the datalist"
+            return row, None
+        patch_path = find_patch_file(record.slide_id, [layout.patches_dir]) or layout.patches_dir / f"{record.slide_id}.h5"
+        info = read_patch_file(patch_path, record.path)
+        row["n_patches"] = len(info.coords)
+        if not overwrite and feature_file_is_complete(final, info.coords, encoder, info.slide_path):
+            row["status"] = "skipped"
+            pt_file = Path(output_dir) / "pt_files" / f"{record.slide_id}.pt"
+            if write_pt_files and not pt_file.is_file():
+                write_pt_file(pt_file, load_features(final))
+            return row, None
+        if remove_stale_temporaries(final):
+            logger.info("%s: removed the temporary file of an interrupted run; extracting again", record.slide_id)
+        return row, info
+    except Exception as exc:  # noqa: BLE001 - one slide never stops the batch
+        _fail(row, exc)
+        return row, None
+
+
+@dataclass
+class PreparedSlide:
+    """A slide whose reading is under way: its row and grid (:func:`plan_slide`) and its items
+    (``("start", backend)``, then ``("batch", uint8 patches)``: :mod:`scripts.transforms.prefetch`)."""
+
+    row: dict
+    info: PatchInfo
+    items: Iterator
+
+
 class FeatureExtractionWorkflow:
-    """Extract features for every slide of a datalist (the ``run`` of configs/extract.json).
+    """Extract features for every slide of a datalist (the ``run`` of configs/extract.json): a loop over
+    :func:`extract_slide` with resume, one summary row per slide, read-ahead across slides and torchrun
+    sharding.
 
     Args:
         datalist: CSV (slide_id, path, ...); labels are not needed.
@@ -144,13 +219,16 @@ class FeatureExtractionWorkflow:
         device: torch device.
         precision: encoder arithmetic: "bf16" (autocast, on CUDA or CPU), "fp32", or "auto" (bf16 on CUDA,
             fp32 on CPU); stamped into every feature file (attribute ``precision``).
-        batch_size: patches per encoder batch (and per read batch).
-        num_workers: reader threads (cuCIM's thread pool / decoding threads).
-        prefetch_batches: read-ahead depth of the reader thread.
+        batch_size: patches per encoder batch (and per read batch of the default transforms).
+        num_workers: reader threads (cuCIM's thread pool / decoding threads) of the default transforms.
+        prefetch_batches: read-ahead depth (batches waiting in memory, across slides).
         reader: the WSI reader component (``scripts.wsi.reader.SlideWSIReader``, declared in
-            configs/extract.json); patches are read with its backends, in its order (overrides ``reader_backend``).
+            configs/extract.json); its backends, in its order, open the slides (overrides ``reader_backend``).
         reader_backend: "auto" (cuCIM behind its crash-safe probe, then OpenSlide, tifffile, DICOM: see
             ``scripts.wsi.open``) or one of "cucim", "openslide", "tifffile", "dicom".
+        slide_transforms: per-slide transforms (configs/extract.json ``extract_transforms``: a Compose of
+            ``OpenSlided`` and ``ReadPatchesd``); None builds that default from ``reader``.
+        encoder_transform: uint8 batch -> encoder input (``EncoderInputd``); None: the encoder's own.
         num_threads: torch CPU threads (0: torch's default, divided among ranks sharing a CPU machine).
         overwrite: extract again even when a complete feature file exists.
         compile: ``torch.compile`` the encoder (worth it on a GPU for large cohorts).
@@ -177,6 +255,8 @@ class FeatureExtractionWorkflow:
         write_pt_files: bool = False,
         precision: str = "auto",
         reader=None,
+        slide_transforms: Callable[[dict], dict] | None = None,
+        encoder_transform: Callable[[dict], dict] | None = None,
     ):
         self.datalist = Path(datalist)
         self.output_dir = Path(output_dir)
@@ -189,6 +269,9 @@ class FeatureExtractionWorkflow:
         self.backends = reader_backends(reader_backend)
         if reader is not None:  # the WSI reader component (scripts.wsi.reader.SlideWSIReader): its fallback chain
             self.backends = tuple(reader.backends)
+        self.slide_transforms = slide_transforms or default_slide_transforms(reader, self.batch_size,
+                                                                             self.num_workers, self.backends)
+        self.encoder_transform = encoder_transform
         self.num_threads = int(num_threads)
         self.overwrite = bool(overwrite)
         self.compile = bool(compile)
@@ -247,156 +330,43 @@ class FeatureExtractionWorkflow:
         logger.info("rank %d/%d (%s) on %s", dist.get_rank(), dist.get_world_size(), backend, self.device)
         return dist.get_rank(), dist.get_world_size(), True
 
-    # ---------------------------------------------------------------------------------- the work
+    # ---------------------------------------------------------------------------------- the loop
     def extract_records(self, records, rank: int = 0, world: int = 1) -> list[dict]:
-        """Extract ``records`` (this rank's share) in order, the reader thread reading ahead across slides;
-        one summary row per record. Never raises for a bad slide (its row says ``failed`` and why)."""
-        features_dir = OutputLayout(self.output_dir).features_dir
-        features_dir.mkdir(parents=True, exist_ok=True)
-        rows: dict[str, dict] = {}
-        jobs: list[PatchInfo] = []
-        for record in records:
-            row = {"slide_id": record.slide_id, "status": "", "error": "", "n_patches": 0, "seconds": 0.0,
-                   "patches_per_s": 0.0, "encoder": self.encoder.name, "weights_sha256": self.encoder.weights_sha256}
-            rows[record.slide_id] = row
-            final = features_dir / f"{record.slide_id}.h5"
-            try:
-                if record.path is None:
-                    row["status"] = "precomputed" if record.features else "failed"
-                    row["error"] = "" if record.features else "no slide path in the datalist"
-                    continue
-                patches = OutputLayout(self.output_dir).patches_dir
-                patch_path = find_patch_file(record.slide_id, [patches]) or patches / f"{record.slide_id}.h5"
-                info = read_patch_file(patch_path, record.path)
-                row["n_patches"] = len(info.coords)
-                if not self.overwrite and feature_file_is_complete(final, info.coords, self.encoder, info.slide_path):
-                    row["status"] = "skipped"
-                    pt_file = self.output_dir / "pt_files" / f"{record.slide_id}.pt"
-                    if self.write_pt_files and not pt_file.is_file():
-                        write_pt_file(pt_file, load_features(final))
-                    continue
-                if remove_stale_temporaries(final):
-                    logger.info("%s: removed the temporary file of an interrupted run; extracting again", record.slide_id)
-                jobs.append(info)
-            except Exception as exc:  # noqa: BLE001 - one slide never stops the batch
-                self._fail(row, exc)
-        skipped = sum(r["status"] == "skipped" for r in rows.values())
+        """Extract ``records`` (this rank's share) in order, reading ahead across slides; one summary row per
+        record. Never raises for a bad slide (its row says ``failed`` and why)."""
+        OutputLayout(self.output_dir).features_dir.mkdir(parents=True, exist_ok=True)
+        plans = [plan_slide(record, self.encoder, self.output_dir, self.overwrite, self.write_pt_files)
+                 for record in records]
+        skipped = sum(row["status"] == "skipped" for row, _ in plans)
         if skipped:
             logger.info("%d slide(s) already extracted, skipped (overwrite=true re-extracts them)", skipped)
-        if jobs:
-            self._run_jobs(jobs, rows, features_dir, rank, world)
-        return list(rows.values())
-
-    def _run_jobs(self, jobs: list[PatchInfo], rows: dict, features_dir: Path, rank: int, world: int) -> None:
-        model = self.encoder.to(self.device)
+        jobs = [(row, info) for row, info in plans if info is not None]
+        if not jobs:
+            return [row for row, _ in plans]
+        self.encoder.to(self.device)
         if self.compile:
-            model.model = torch.compile(model.model)
-        warm_up([job.slide_path for job in jobs], self.backends)
-        total = sum(len(j.coords) for j in jobs)
+            self.encoder.model = torch.compile(self.encoder.model)
+        warm_up([info.slide_path for _, info in jobs], self.backends)  # the cuCIM probe, before any thread
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
 
-            desc = "extract" if world == 1 else f"extract rank {rank}"
-            bar = tqdm(total=total, unit="patch", desc=desc, dynamic_ncols=True, position=rank if world > 1 else None)
-        stop = threading.Event()
-        items: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
-        producer = threading.Thread(target=self._produce, args=(jobs, items, stop), daemon=True, name="patch-reader")
-        producer.start()
-        writer: _SlideWriter | None = None
-        current: PatchInfo | None = None
-        started = 0.0
+            bar = tqdm(total=sum(len(info.coords) for _, info in jobs), unit="patch", dynamic_ncols=True,
+                       desc="extract" if world == 1 else f"extract rank {rank}", position=rank if world > 1 else None)
         try:
-            while True:
-                kind, index, payload = items.get()
-                if kind == "done":
-                    break
-                info = jobs[index]
-                row = rows[info.slide_id]
-                if row["status"] == "failed":  # the encoder already failed on this slide: drain its batches
-                    continue
-                try:
-                    if kind == "start":
-                        current, started = info, time.perf_counter()
-                        pt_file = self.output_dir / "pt_files" / f"{info.slide_id}.pt" if self.write_pt_files else None
-                        precision = self.precision
-                        writer = _SlideWriter(features_dir / f"{info.slide_id}.h5", info, self.encoder, payload, rank,
-                                              world, precision=str(precision), pt_file=pt_file)
-                        if bar is not None:
-                            bar.set_postfix_str(info.slide_id, refresh=False)
-                    elif kind == "batch":
-                        feats = self.encoder(torch.from_numpy(payload).to(self.device, non_blocking=True))
-                        writer.write(feats.cpu().numpy())
-                        if bar is not None:
-                            bar.update(len(payload))
-                    elif kind == "end":
-                        writer.commit()
-                        writer = None
-                        seconds = time.perf_counter() - started
-                        n = len(info.coords)
-                        row.update(status="ok" if n else "empty", seconds=round(seconds, 3),
-                                   patches_per_s=round(n / seconds, 2) if seconds > 0 and n else 0.0,
-                                   error="" if n else "the patch file has no patches")
-                    elif kind == "error":
-                        if current is not info:  # the slide could not even be opened
-                            current, started = info, time.perf_counter()
-                        raise payload
-                except Exception as exc:  # noqa: BLE001 - one slide never stops the batch
-                    if writer is not None:
-                        writer.abort()
-                        writer = None
-                    row["seconds"] = round(time.perf_counter() - started, 3)
-                    self._fail(row, exc)
+            with SlidePrefetcher([slide_input(info) for _, info in jobs], self.slide_transforms,
+                                 self.prefetch_batches) as ahead:
+                for index, (row, info) in enumerate(jobs):
+                    if bar is not None:
+                        bar.set_postfix_str(info.slide_id, refresh=False)
+                    extract_slide(None, self.encoder, self.output_dir, self.device, precision=self.precision,
+                                  encoder_transform=self.encoder_transform, write_pt_files=self.write_pt_files,
+                                  prepared=PreparedSlide(row, info, ahead.items(index)), rank=rank, world=world,
+                                  on_batch=None if bar is None else bar.update)
         finally:
-            stop.set()
-            if writer is not None:
-                writer.abort()
-            with contextlib.suppress(queue.Empty):  # unblock the producer
-                while True:
-                    items.get_nowait()
-            producer.join(timeout=10)
             if bar is not None:
                 bar.close()
-
-    def _produce(self, jobs: list[PatchInfo], items: queue.Queue, stop: threading.Event) -> None:
-        """Reader thread: (start, batch..., end) or (start, ..., error) per slide, then done."""
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    items.put(item, timeout=0.2)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        for index, info in enumerate(jobs):
-            if stop.is_set():
-                return
-            try:
-                reader = PatchReader(info.slide_path, self.backends, slide_id=info.slide_id)
-            except Exception as exc:  # noqa: BLE001 - handed to the consumer, reported per slide
-                put(("error", index, exc))
-                continue
-            try:
-                if not put(("start", index, reader.backend)):
-                    return
-                for batch, _ in reader.batches(info.coords, info.read_size, info.level, info.patch_size,
-                                               self.batch_size, self.num_workers):
-                    if not put(("batch", index, batch)):
-                        return
-                put(("end", index, None))
-            except Exception as exc:  # noqa: BLE001 - handed to the consumer, reported per slide
-                put(("error", index, exc))
-            finally:
-                reader.close()
-        put(("done", -1, None))
-
-    @staticmethod
-    def _fail(row: dict, exc: BaseException) -> None:
-        row["status"] = "failed"
-        row["error"] = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
-        logger.error("%s failed: %s", row["slide_id"], row["error"])
+        return [row for row, _ in plans]
 
     @staticmethod
     def _log_totals(rows: list[dict]) -> None:
@@ -437,17 +407,81 @@ def extract_slide(
     overwrite: bool = False,
     progress: bool = False,
     precision: str = "auto",
+    *,
+    slide_transforms: Callable[[dict], dict] | None = None,
+    encoder_transform: Callable[[dict], dict] | None = None,
+    write_pt_files: bool = False,
+    prepared: PreparedSlide | None = None,
+    rank: int = 0,
+    world: int = 1,
+    on_batch: Callable[[int], object] | None = None,
 ) -> dict:
     """Features of one slide (a :class:`scripts.datalist.SlideRecord`): reads
     ``<output_dir>/patches/<slide_id>.h5``, writes ``<output_dir>/features/<slide_id>.h5`` atomically and
     returns the slide's ``extract_summary.csv`` row (status ``ok``, ``skipped`` when a complete file from the
     same slide file and encoder exists, ``empty``, ``precomputed`` or ``failed`` with the error).
 
-    The per-slide stage other workflows call (inference); :class:`FeatureExtractionWorkflow` runs the same
-    code over a datalist with read-ahead across slides, resume, a summary and torchrun sharding.
+    The slide is opened and read by ``slide_transforms`` (default :func:`default_slide_transforms` over
+    ``reader_backend``, ``batch_size``, ``num_workers``) and each batch goes through ``encoder_transform``
+    (default ``EncoderInputd`` with the encoder's own preprocessing) and ``encoder.embed``.
+    ``prepared`` (from :class:`FeatureExtractionWorkflow`'s read-ahead) replaces the planning and reading:
+    ``record`` is then unused. ``on_batch(n)`` is called after each batch of ``n`` patches (progress).
     """
-    workflow = FeatureExtractionWorkflow("", output_dir, encoder, device=device, batch_size=batch_size,
-                                         num_workers=num_workers, reader_backend=reader_backend,
-                                         overwrite=overwrite, distributed=False, progress=progress,
-                                         precision=precision)
-    return workflow.extract_records([record])[0]
+    from scripts.networks.encoders import resolve_precision
+    from scripts.transforms import EncoderInputd
+
+    device = torch.device(device)
+    encoder.precision = resolve_precision(precision, device.type)
+    bar = None
+    if prepared is None:
+        row, info = plan_slide(record, encoder, output_dir, overwrite, _flag(write_pt_files))
+        if info is None:
+            return row
+        transforms = slide_transforms or default_slide_transforms(None, batch_size, num_workers,
+                                                                  reader_backends(reader_backend))
+        prepared = PreparedSlide(row, info, slide_items(transforms, slide_input(info)))
+        if progress and on_batch is None:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(info.coords), unit="patch", desc=info.slide_id, dynamic_ncols=True, leave=False)
+            on_batch = bar.update
+        encoder.to(device)
+    row, info = prepared.row, prepared.info
+    to_input = encoder_transform or EncoderInputd("patches", encoder=encoder)
+    final = OutputLayout(output_dir).features_dir / f"{info.slide_id}.h5"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    pt_file = Path(output_dir) / "pt_files" / f"{info.slide_id}.pt" if _flag(write_pt_files) else None
+    writer: FeatureWriter | None = None
+    started = time.perf_counter()
+    try:
+        for kind, payload in prepared.items:
+            if kind == "start":
+                writer = _SlideWriter(final, info, encoder, payload, rank, world, precision=str(encoder.precision),
+                                      pt_file=pt_file)
+                continue
+            batch = torch.from_numpy(payload).to(device, non_blocking=True)
+            feats = encoder.embed(to_input({"patches": batch})["patches"])
+            writer.write(feats.cpu().numpy())
+            if on_batch is not None:
+                on_batch(len(payload))
+        if writer is None:
+            raise RuntimeError(f"{info.slide_path}: the slide transforms read nothing (no 'start' item)")
+        writer.commit()
+        writer = None
+        seconds = time.perf_counter() - started
+        n = len(info.coords)
+        row.update(status="ok" if n else "empty", seconds=round(seconds, 3),
+                   patches_per_s=round(n / seconds, 2) if seconds > 0 and n else 0.0,
+                   error="" if n else "the patch file has no patches")
+    except Exception as exc:  # noqa: BLE001 - one slide never stops the batch
+        if writer is not None:
+            writer.abort()
+        row["seconds"] = round(time.perf_counter() - started, 3)
+        _fail(row, exc)
+    finally:
+        close = getattr(prepared.items, "close", None)
+        if close is not None:
+            close()  # a slide abandoned half-way: its opened file is closed, its queued batches skipped
+        if bar is not None:
+            bar.close()
+    return row

@@ -248,11 +248,11 @@ def test_failure_mid_slide_leaves_no_partial_file(tmp_path, encoder):
         def to(self, device):
             return self
 
-        def __call__(self, images):
+        def embed(self, x):  # the network call extraction makes on each preprocessed batch
             FailsOnFourthBatch.calls += 1
             if FailsOnFourthBatch.calls == 4:
                 raise RuntimeError("simulated out-of-memory")
-            return encoder(images)
+            return encoder.embed(x)
 
     rows = {r["slide_id"]: r for r in run_workflow(datalist, out, FailsOnFourthBatch(), batch_size=2)}
     assert rows["s1"]["status"] == "failed" and "simulated out-of-memory" in rows["s1"]["error"]

@@ -56,7 +56,68 @@ def test_extract_config_reads_patches_through_the_reader_component(bundle_root):
                    encoder_weights="/nonexistent.pth")
     reader = parser.get_parsed_content("reader")
     assert isinstance(reader, BaseWSIReader) and reader.backends == ("tifffile",)
-    assert parser.get_parsed_content("workflow").backends == ("tifffile",)
+    workflow = parser.get_parsed_content("workflow")
+    assert workflow.backends == ("tifffile",)
+    compose = parser.get_parsed_content("extract_transforms")
+    assert isinstance(compose, Compose) and workflow.slide_transforms is compose
+    assert [type(t).__name__ for t in compose.transforms] == ["OpenSlided", "ReadPatchesd"]
+    assert compose.transforms[0].reader is reader
+    assert type(workflow.encoder_transform).__name__ == "EncoderInputd"
+    assert workflow.encoder_transform.encoder is parser.get_parsed_content("encoder")
+
+
+USER_INPUT_MODULE = '''
+import torch
+
+from scripts.transforms import EncoderInputd
+
+
+class MirroredInput(EncoderInputd):
+    """A user's encoder-input step: patches mirrored left-right, then the encoder's own preprocessing."""
+
+    def __call__(self, data):
+        d = dict(data)
+        d["patches"] = torch.flip(torch.as_tensor(d["patches"]), dims=[2])
+        return super().__call__(d)
+'''
+
+
+def test_user_encoder_input_swapped_by_override_changes_the_features(bundle_root, shared_slides, tmp_path, monkeypatch):
+    """extract.json runs its declared transforms: the CMU-1 region's features are the encoder's output on the
+    patches the reader component reads, and a one-line override of ``encoder_transform`` changes them."""
+    import h5py
+    import torch
+
+    from scripts.wsi.patches import iter_patch_batches
+
+    (tmp_path / "user_input.py").write_text(USER_INPUT_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    slide = shared_slides / "cmu-1-small-region.svs"
+    coords = np.array([[600, 500], [857, 500], [1200, 900]], dtype=np.int64)
+    out = tmp_path / "out"
+    (out / "patches").mkdir(parents=True)
+    with h5py.File(out / "patches" / "cmu.h5", "w") as h5:
+        h5["coords"] = coords
+        h5.attrs.update(patch_size=256, target_mpp=0.5, level=0, level_downsample=1.0, mpp=0.499,
+                        patch_size_level0=257, slide_path=str(slide))
+    datalist = tmp_path / "datalist.csv"
+    datalist.write_text(f"slide_id,path\ncmu,{slide}\n")
+    patches = np.concatenate([b for b, _ in iter_patch_batches(slide, coords, 257, 0, 256, backends=("openslide",))])
+    features = {}
+    for label, overrides in (("bundle", {}), ("user", {"encoder_transform#_target_": "user_input.MirroredInput"})):
+        parser = parse(bundle_root, "extract.json", datalist=str(datalist), output_dir=str(out), overwrite=True,
+                       encoder_weights="/nonexistent.pth", allow_random_weights=True, batch_size=2, **overrides)
+        parser["workflow"]["progress"] = False
+        rows = parser.get_parsed_content("workflow").run()
+        assert [r["status"] for r in rows] == ["ok"], rows
+        with h5py.File(out / "features" / "cmu.h5", "r") as h5:
+            features[label] = h5["features"][()]
+        encoder = parser.get_parsed_content("encoder")
+    sys.modules.pop("user_input", None)
+    images = torch.from_numpy(patches)
+    np.testing.assert_allclose(features["bundle"], encoder(images).numpy(), atol=1e-4)
+    np.testing.assert_allclose(features["user"], encoder(torch.flip(images, dims=[2])).numpy(), atol=1e-4)
+    assert np.abs(features["user"] - features["bundle"]).max() > 1e-2
 
 
 def test_user_tissue_transform_swapped_by_override_changes_the_grid(bundle_root, shared_slides, tmp_path, monkeypatch):

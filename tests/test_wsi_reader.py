@@ -70,6 +70,38 @@ def test_masked_patch_wsi_dataset_uses_the_readers_pyramid(shared_slides):
         assert np.array_equal(image, expected)
 
 
+def test_masked_patch_wsi_dataset_on_cmu_through_an_extra_level(cmu):
+    """The CMU-1 region has one level (2220 x 2967): MaskedPatchWSIDataset would make one sample per level-0
+    pixel of its mask. ``extra_downsamples=(32,)`` gives the reader a level 1 at 1/32 (read from level 0 and
+    resized), so the mask has 93 x 69 pixels; the patches it yields at level 0 equal a direct OpenSlide read."""
+    import openslide
+
+    reader = SlideWSIReader(backends=("openslide",), extra_downsamples=(32,))
+    wsi = reader.read(str(cmu))
+    try:
+        assert reader.get_level_count(wsi) == 2 and reader.get_downsample_ratio(wsi, 1) == 32.0
+        assert reader.get_size(wsi, 1) == (93, 69)
+        assert reader.get_mpp(wsi, 1) == pytest.approx((0.499 * 32, 0.499 * 32))
+        thumb, _ = reader.get_data(wsi, level=1)
+        assert thumb.shape == (3, 93, 69)
+        small = np.asarray(openslide.OpenSlide(str(cmu)).read_region((0, 0), 0, (2220, 2967)).convert("RGB"))
+        blocks = small[: 92 * 32, : 69 * 32].reshape(92, 32, 69, 32, 3).mean(axis=(1, 3))  # 32 x 32 means
+        assert np.abs(thumb.transpose(1, 2, 0)[:92].astype(float) - blocks).mean() < 4
+    finally:
+        wsi.close()
+    dataset = MaskedPatchWSIDataset([{"image": str(cmu)}], patch_size=64, patch_level=0, mask_level=1, reader=reader)
+    assert 0 < len(dataset) < 93 * 69  # Otsu on saturation keeps the tissue pixels, not the whole region
+    for index in (0, len(dataset) // 2, len(dataset) - 1):
+        item = dataset[index]
+        y, x = (int(v) for v in item["image"].meta["location"])
+        image = np.asarray(item["image"]).transpose(1, 2, 0)
+        expected = np.full((64, 64, 3), 255, np.uint8)
+        y0, x0 = max(y, 0), max(x, 0)
+        crop = small[y0 : y + 64, x0 : x + 64]
+        expected[y0 - y : y0 - y + crop.shape[0], x0 - x : x0 - x + crop.shape[1]] = crop
+        assert np.array_equal(image, expected)
+
+
 def test_reading_layers_import_one_way():
     """mpp and filekind never import a reader; backends never import the fallback chain or the component."""
     import ast

@@ -59,7 +59,7 @@ def bench_reading(slide, coords, batch_size, num_workers, backends=DEFAULT_BACKE
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        n = sum(len(b) for b, _ in iter_patch_batches(slide, coords, 256, 0, 256, batch_size, num_workers, backends))
+        n = sum(len(b) for b, _ in iter_patch_batches(slide, coords, 256, 0, 256, batch_size, num_workers, backends=backends))
         best = min(best, time.perf_counter() - start)
     return n / best
 
@@ -89,7 +89,7 @@ def bench_encoder(encoder, device, batch_size, n_patches, compiled=False) -> flo
 def bench_precision(encoder, device, slide, n_patches: int = 64, batch_size: int = 16) -> dict:
     """bf16 autocast vs fp32 features of the same ``n_patches`` real patches of ``slide`` on ``device``."""
     coords = _grid(slide, n_patches)
-    patches = np.concatenate([b for b, _ in iter_patch_batches(slide, coords, 256, 0, 256, batch_size, 1, DEFAULT_BACKENDS)])
+    patches = np.concatenate([b for b, _ in iter_patch_batches(slide, coords, 256, 0, 256, batch_size, 1, backends=DEFAULT_BACKENDS)])
     encoder.to(device)
     before = encoder.precision
     out = {}

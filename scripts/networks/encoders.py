@@ -104,9 +104,13 @@ class Encoder:
         mean, std = self._norm[key]
         return (x - mean) / std
 
-    @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.preprocess(images)
+        return self.embed(self.preprocess(images))
+
+    @torch.inference_mode()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of an already preprocessed float batch (B, 3, S, S) (:meth:`preprocess`, or the
+        extraction config's ``encoder_transform``), in the chosen precision, as float32."""
         if self.resolved_precision(x.device.type) == "bf16":
             with torch.autocast(x.device.type, dtype=torch.bfloat16):
                 out = self.model(x)

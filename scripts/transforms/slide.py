@@ -9,6 +9,7 @@ patch grid, batched reading); these classes are the swappable, config-declared w
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
@@ -96,28 +97,38 @@ class PatchGridd(MapTransform):
 
 class ReadPatchesd(MapTransform):
     """``data["patches"]``: an iterator of ``(patches (B, out, out, 3) uint8, coords (B, 2))`` over
-    ``data["coords"]`` read at ``data["level"]`` as ``data["read_size"]`` squares (from ``data["grid"]`` when
-    present), cuCIM's batched reads when the probe accepted the file, else a thread pool.
+    ``data["coords"]``, read at ``data["level"]`` as ``data["read_size"]`` squares (from ``data["grid"]`` when
+    present) and resized to ``out_size`` (``None``: ``data["patch_size"]``, else 256).
 
+    ``data[key]`` is an open slide (the ``SlideHandle`` :class:`OpenSlided` sets; the caller closes it) or a
+    path (opened with ``backends`` and closed when the iterator ends). Reading is lazy: nothing is read until
+    the iterator is consumed, in batches of ``batch_size`` (cuCIM's batched reads when the probe accepted
+    the file, else ``num_workers`` threads; :class:`scripts.wsi.patches.PatchReader`).
     """
 
-    def __init__(self, keys: KeysCollection = "image", backends: Sequence[str] | None = None, out_size: int = 256,
-                 batch_size: int = 32, num_workers: int = 2) -> None:
+    def __init__(self, keys: KeysCollection = "wsi", backends: Sequence[str] | None = None,
+                 out_size: int | None = None, batch_size: int = 32, num_workers: int = 2) -> None:
         super().__init__(keys)
         self.backends = tuple(backends) if backends else None
-        self.out_size, self.batch_size, self.num_workers = int(out_size), int(batch_size), int(num_workers)
+        self.out_size = None if out_size is None else int(out_size)
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
 
     def __call__(self, data):
         from scripts.wsi.open import DEFAULT_BACKENDS
-        from scripts.wsi.patches import iter_patch_batches
+        from scripts.wsi.patches import PatchReader, iter_patch_batches
 
         d = dict(data)
         grid = d.get("grid")
         level = int(d["level"] if grid is None else grid.level)
         read_size = int(d["read_size"] if grid is None else grid.read_size_level)
+        out_size = self.out_size or int(d.get("patch_size") or 256)
+        args = (d["coords"], read_size, level, out_size, self.batch_size, self.num_workers)
         for key in self.key_iterator(d):
-            d["patches"] = iter_patch_batches(d[key], d["coords"], read_size, level, self.out_size, self.batch_size,
-                                              self.num_workers, self.backends or DEFAULT_BACKENDS)
+            source = d[key]
+            if isinstance(source, (str, os.PathLike)):
+                d["patches"] = iter_patch_batches(source, *args, backends=self.backends or DEFAULT_BACKENDS)
+            else:
+                d["patches"] = PatchReader(handle=source).batches(*args)
         return d
 
 

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from scripts.wsi.backends import DEFAULT_BACKENDS
-from scripts.wsi.backends.base import SlideReadError, to_rgb
+from scripts.wsi.backends.base import SlideHandle, SlideReadError, to_rgb
 from scripts.wsi.open import _open_first_backend
 from scripts.wsi.probe import probe_cucim
 
@@ -41,16 +41,20 @@ class PatchReader:
 
     def __init__(
         self,
-        slide_path: str | os.PathLike,
+        slide_path: str | os.PathLike | None = None,
         backends: Sequence[str] = DEFAULT_BACKENDS,
         slide_id: str | None = None,
         cucim_verdict: tuple[bool, str] | None = None,
+        handle: SlideHandle | None = None,
     ):
-        self.path = Path(slide_path)
-        unknown = [b for b in backends if b not in DEFAULT_BACKENDS]
-        if unknown or not backends:
-            raise ValueError(f"unknown reader backend(s) {list(unknown)}; choose from {DEFAULT_BACKENDS}")
-        self.handle = _open_first_backend(self.path, backends, slide_id or self.path.stem, cucim_verdict)
+        if handle is not None:  # a slide already opened (e.g. by SlideWSIReader in OpenSlided)
+            self.path, self.handle = Path(handle.path), handle
+        else:
+            self.path = Path(slide_path)
+            unknown = [b for b in backends if b not in DEFAULT_BACKENDS]
+            if unknown or not backends:
+                raise ValueError(f"unknown reader backend(s) {list(unknown)}; choose from {DEFAULT_BACKENDS}")
+            self.handle = _open_first_backend(self.path, backends, slide_id or self.path.stem, cucim_verdict)
         self.backend = self.handle.backend
 
     @property
@@ -141,18 +145,12 @@ class PatchReader:
 
 
 def iter_patch_batches(
-    slide_path: str | os.PathLike,
-    coords: np.ndarray,
-    read_size_level: int,
-    level: int,
-    out_size: int = 256,
-    batch_size: int = 64,
-    num_workers: int = 2,
-    backends: Sequence[str] = DEFAULT_BACKENDS,
+    slide_path: str | os.PathLike, *args, backends: Sequence[str] = DEFAULT_BACKENDS, **kwargs
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``PatchReader(slide_path, backends).batches(...)``: open, read the grid in ``coords`` order, close."""
+    """``PatchReader(slide_path, backends).batches(*args, **kwargs)`` (same arguments as
+    :meth:`PatchReader.batches`): open, read the grid in ``coords`` order, close."""
     with PatchReader(slide_path, backends) as reader:
-        yield from reader.batches(coords, read_size_level, level, out_size, batch_size, num_workers)
+        yield from reader.batches(*args, **kwargs)
 
 
 def warm_up(slide_paths: Sequence[str | os.PathLike], backends: Sequence[str] = DEFAULT_BACKENDS) -> None:

@@ -55,6 +55,11 @@ class SlideWSIReader(BaseWSIReader):
         default_mpp: level-0 um/px for slides without any usable resolution metadata.
         require_mpp: raise ``MppError`` at ``read`` when a slide has no resolution; when False,
             ``get_mpp`` raises only if asked.
+        extra_downsamples: coarser levels (downsample factors relative to level 0) added after a slide's own
+            levels when they are coarser than its coarsest one; their pixels are read from the finest real
+            level not finer than needed and resized (bilinear). For MONAI code that reads a whole
+            low-resolution level, e.g. ``MaskedPatchWSIDataset(mask_level=...)`` (one sample per mask pixel),
+            on files without a pyramid such as the CMU-1 region.
         level, mpp, mpp_rtol, mpp_atol, power, power_rtol, power_atol, channel_dim, dtype, device, mode:
             as in ``monai.data.wsi_reader.BaseWSIReader`` (``channel_dim`` 0 gives C, H, W like MONAI's
             readers; pass -1 for H, W, C).
@@ -70,6 +75,7 @@ class SlideWSIReader(BaseWSIReader):
         backends: Sequence[str] = DEFAULT_BACKENDS,
         default_mpp: float | None = None,
         require_mpp: bool = True,
+        extra_downsamples: Sequence[float] = (),
         level: int | None = None,
         mpp: float | tuple[float, float] | None = None,
         mpp_rtol: float = 0.05,
@@ -92,6 +98,9 @@ class SlideWSIReader(BaseWSIReader):
         self.backends = tuple(backends)
         self.default_mpp = default_mpp
         self.require_mpp = bool(require_mpp)
+        self.extra_downsamples = tuple(sorted(float(d) for d in extra_downsamples))
+        if any(d <= 1.0 for d in self.extra_downsamples):
+            raise ValueError(f"extra_downsamples {list(extra_downsamples)}: each must be larger than 1 (level 0)")
 
     # ------------------------------------------------------------------------------------- opening
     def verify_suffix(self, filename) -> bool:
@@ -115,23 +124,33 @@ class SlideWSIReader(BaseWSIReader):
         return handles if len(handles) > 1 else handles[0]
 
     # ----------------------------------------------------------------------------------- geometry
+    def downsamples(self, wsi: SlideHandle) -> list[float]:
+        """Every level's downsample: the slide's own, then ``extra_downsamples`` coarser than its coarsest."""
+        own = [float(d) for d in wsi.level_downsamples]
+        return own + [d for d in self.extra_downsamples if d > own[-1] * 1.001]
+
     def get_size(self, wsi: SlideHandle, level: int) -> tuple[int, int]:
         """(height, width) of ``level``."""
-        width, height = wsi.level_dimensions[int(level)]
-        return int(height), int(width)
+        level = int(level)
+        if level < wsi.level_count:
+            width, height = wsi.level_dimensions[level]
+            return int(height), int(width)
+        downsample = self.downsamples(wsi)[level]
+        width, height = wsi.dimensions
+        return max(1, int(round(height / downsample))), max(1, int(round(width / downsample)))
 
     def get_level_count(self, wsi: SlideHandle) -> int:
-        return wsi.level_count
+        return len(self.downsamples(wsi))
 
     def get_downsample_ratio(self, wsi: SlideHandle, level: int) -> float:
-        return float(wsi.level_downsamples[int(level)])
+        return self.downsamples(wsi)[int(level)]
 
     def get_file_path(self, wsi: SlideHandle) -> str:
         return str(os.path.abspath(wsi.path))
 
     def get_mpp(self, wsi: SlideHandle, level: int) -> tuple[float, float]:
         """(y, x) um/px at ``level``: the bundle's trusted level-0 mpp times the level's downsample."""
-        value = wsi.level_mpp(int(level))
+        value = None if wsi.mpp is None else wsi.mpp * self.get_downsample_ratio(wsi, level)
         if value is None:
             raise MppError(f"{wsi.path}: no usable resolution (mpp) in its metadata; add an 'mpp' column to the "
                            f"datalist or set default_mpp")
@@ -146,7 +165,17 @@ class SlideWSIReader(BaseWSIReader):
                    dtype, mode: str) -> np.ndarray:
         """``location`` (y, x) at level 0 and ``size`` (h, w) at ``level``, as in MONAI; RGB(A) in ``dtype``
         with the channel axis at ``channel_dim``. Areas outside the slide come back white."""
-        pixels = wsi.read_region((int(location[1]), int(location[0])), (int(size[1]), int(size[0])), int(level))
+        xy, (height, width), level = (int(location[1]), int(location[0])), (int(size[0]), int(size[1])), int(level)
+        if level < wsi.level_count:
+            pixels = wsi.read_region(xy, (width, height), level)
+        else:  # an extra level: read the finest real level not finer than needed, resize
+            from PIL import Image
+
+            wanted = self.get_downsample_ratio(wsi, level)
+            real = max(i for i, d in enumerate(wsi.level_downsamples) if d <= wanted * 1.001)
+            scale = wanted / float(wsi.level_downsamples[real])
+            region = wsi.read_region(xy, (max(1, round(width * scale)), max(1, round(height * scale))), real)
+            pixels = np.asarray(Image.fromarray(region).resize((width, height), Image.BILINEAR))
         if mode == "RGBA":
             pixels = np.concatenate([pixels, np.full(pixels.shape[:2] + (1,), 255, np.uint8)], axis=-1)
         pixels = np.moveaxis(pixels, -1, self.channel_dim)
