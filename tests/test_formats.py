@@ -117,7 +117,10 @@ def bundle(bundle_root, config, *args):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"configs/{config}.json",
+    from scripts.inference import INFERENCE_CONFIGS  # inference.json runs as an overlay on extract/preprocess.json
+
+    config_file = INFERENCE_CONFIGS if config == "inference" else f"configs/{config}.json"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file,
            "--meta_file", "configs/metadata.json", *map(str, args)]
     env = dict(os.environ, PYTHONPATH=str(bundle_root), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=bundle_root, env=env, capture_output=True, text=True, timeout=300)
