@@ -9,6 +9,7 @@ configs as ``{"_target_": "scripts.wsi.reader.SlideWSIReader", ...}``. Behind it
   tifffile, DICOM;
 * :mod:`scripts.wsi.open`    the fallback chain and the trusted resolution (:mod:`scripts.wsi.mpp`);
 * :mod:`scripts.wsi.patches` batched patch-grid reading for feature extraction.
+* :mod:`scripts.wsi.gpu_decode` cuCIM decoding into CUDA memory for extraction (``decode_device``).
 
 Why a subclass and not ``monai.data.WSIReader(backend=...)``: MONAI's readers take one backend each, trust
 the backend's resolution (cuCIM reports 1.0 um/px for Aperio files whose header says 0.499) and crash the
