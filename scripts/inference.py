@@ -169,16 +169,18 @@ class FeatureStage:
 
     ``encoder`` is a callable that builds the encoder (``build_encoder`` with ``"_mode_": "callable"``): it is
     built on the first slide that needs it, so parsing the config needs no weights file.
+    ``slide_transforms``: extract.json's ``extract_transforms`` (open + batched reading; None: the default).
     """
 
     def __init__(self, encoder: Callable[[], Any], output_dir: str | Path, device: torch.device | str = "cpu",
                  batch_size: int = 32, num_workers: int = 2, reader_backend: str = "auto", num_threads: int = 0,
-                 overwrite: bool = False, progress: bool = False) -> None:
+                 overwrite: bool = False, progress: bool = False, slide_transforms: Callable | None = None) -> None:
         self.encoder_factory = encoder
         self.output_dir = Path(output_dir)
         self.num_threads = int(num_threads)
         self.options = dict(device=device, batch_size=batch_size, num_workers=num_workers,
-                            reader_backend=reader_backend, overwrite=overwrite, progress=progress)
+                            reader_backend=reader_backend, overwrite=overwrite, progress=progress,
+                            slide_transforms=slide_transforms)
         self._encoder = None
 
     def __call__(self, record: SlideRecord, patch_file: Path) -> tuple[Path, float]:

@@ -151,3 +151,20 @@ def test_encoder_input_matches_the_encoders_preprocessing():
     own = EncoderInputd("patches")({"patches": batch})["patches"]
     via_encoder = EncoderInputd("patches", encoder=encoder)({"patches": batch})["patches"]
     assert torch.allclose(own, expected, atol=1e-6) and torch.equal(via_encoder, expected)
+
+
+def test_inference_reads_patches_with_extract_jsons_transforms(bundle_root):
+    """Inference (extract.json + preprocess.json + inference.json) extracts features with extract.json's
+    declared per-slide transforms, opened by the one reader component of the merged config."""
+    import ast
+
+    from scripts.inference import INFERENCE_CONFIGS
+
+    parser = ConfigParser()
+    parser.read_config([str(bundle_root / p) for p in ast.literal_eval(INFERENCE_CONFIGS)])
+    parser.update({"bundle_root": str(bundle_root), "allow_random_weights": True, "encoder_weights": "/nonexistent.pth"})
+    stage = parser.get_parsed_content("feature_stage")
+    compose = stage.options["slide_transforms"]
+    assert compose is parser.get_parsed_content("extract_transforms")
+    assert [type(t).__name__ for t in compose.transforms] == ["OpenSlided", "ReadPatchesd"]
+    assert compose.transforms[0].reader is parser.get_parsed_content("reader")

@@ -106,20 +106,23 @@ class ReadPatchesd(MapTransform):
     the file, else ``num_workers`` threads; :class:`scripts.wsi.patches.PatchReader`).
 
     ``decode_device``: ``cpu``, ``cuda`` (cuCIM decodes on the GPU and the batches are CUDA tensors; other
-    backends still decode on the CPU) or ``auto`` (``cuda`` when a GPU and cuCIM with CUDA are usable):
-    :func:`scripts.wsi.gpu_decode.resolve_decode_device`. ``data["decode_device"]`` says what was used.
+    backends still decode on the CPU) or ``auto`` (``cuda`` when the encoder's ``device`` is CUDA and a GPU
+    and cuCIM with CUDA are usable): :func:`scripts.wsi.gpu_decode.resolve_decode_device`.
+    ``data["decode_device"]`` says what was used.
     """
 
     def __init__(self, keys: KeysCollection = "wsi", backends: Sequence[str] | None = None,
                  out_size: int | None = None, batch_size: int = 32, num_workers: int = 2,
-                 decode_device: str = "cpu") -> None:
+                 decode_device: str = "cpu", device: str | torch.device | None = None) -> None:
         from scripts.wsi.gpu_decode import resolve_decode_device
 
         super().__init__(keys)
         self.backends = tuple(backends) if backends else None
         self.out_size = None if out_size is None else int(out_size)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
-        self.decode_device = resolve_decode_device(decode_device, "cuda" if torch.cuda.is_available() else "cpu")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.decode_device = resolve_decode_device(decode_device, device)
 
     def __call__(self, data):
         from scripts.wsi.open import DEFAULT_BACKENDS
