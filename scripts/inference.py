@@ -170,17 +170,22 @@ class FeatureStage:
     ``encoder`` is a callable that builds the encoder (``build_encoder`` with ``"_mode_": "callable"``): it is
     built on the first slide that needs it, so parsing the config needs no weights file.
     ``slide_transforms``: extract.json's ``extract_transforms`` (open + batched reading; None: the default).
+    ``encoder_transform``: extract.json's encoder preprocessing (None: the encoder's own).
+    ``precision``: extract.json's ``precision`` (``auto``/``bf16``/``fp32``), so features made during
+    inference are computed like the training cohort's.
     """
 
     def __init__(self, encoder: Callable[[], Any], output_dir: str | Path, device: torch.device | str = "cpu",
                  batch_size: int = 32, num_workers: int = 2, reader_backend: str = "auto", num_threads: int = 0,
-                 overwrite: bool = False, progress: bool = False, slide_transforms: Callable | None = None) -> None:
+                 overwrite: bool = False, progress: bool = False, slide_transforms: Callable | None = None,
+                 precision: str = "auto", encoder_transform: Callable | None = None) -> None:
         self.encoder_factory = encoder
         self.output_dir = Path(output_dir)
         self.num_threads = int(num_threads)
         self.options = dict(device=device, batch_size=batch_size, num_workers=num_workers,
                             reader_backend=reader_backend, overwrite=overwrite, progress=progress,
-                            slide_transforms=slide_transforms)
+                            slide_transforms=slide_transforms, precision=precision,
+                            encoder_transform=encoder_transform)
         self._encoder = None
 
     def __call__(self, record: SlideRecord, patch_file: Path) -> tuple[Path, float]:
@@ -191,6 +196,9 @@ class FeatureStage:
             self._encoder = self.encoder_factory() if callable(self.encoder_factory) and not hasattr(
                 self.encoder_factory, "feature_dim") else self.encoder_factory
             configure_torch(self.options["device"], self.num_threads, 1)
+            transform = self.options["encoder_transform"]
+            if transform is not None and getattr(transform, "encoder", None) is self.encoder_factory:
+                transform.encoder = self._encoder  # the config's transform names the lazy factory: bind the built encoder
         row = extract_slide(record, self._encoder, self.output_dir, **self.options)
         if row["status"] not in ("ok", "skipped"):
             raise RuntimeError(f"feature extraction: {row['status']}: {row['error']}")

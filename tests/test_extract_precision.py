@@ -50,3 +50,24 @@ def test_benchmark_reports_bf16_vs_fp32(shared_slides, encoder):
     assert d["n_patches"] == 4 and 0.9 < d["cosine_min"] <= d["cosine_mean"] <= 1.0
     assert 0.0 < d["rel_l2_mean"] <= d["rel_l2_max"] < 0.5 and d["max_rel"] > 0.0
     assert encoder.precision == before  # restored
+
+
+def test_inference_features_use_the_extraction_precision(tmp_path):
+    """``--precision`` on the inference config list reaches the features made during inference (and the
+    declared encoder preprocessing is the one used)."""
+    from monai.bundle import ConfigParser
+
+    from scripts.datalist import load_datalist
+    from scripts.inference import INFERENCE_CONFIGS
+
+    datalist, out = make_cohort(tmp_path, 1)
+    parser = ConfigParser()
+    parser.read_config([str(p) for p in eval(INFERENCE_CONFIGS)])
+    parser.update({"output_dir": str(out), "precision": "bf16", "num_workers": 0, "allow_random_weights": True,
+                   "encoder_weights": str(tmp_path / "absent.pth")})
+    stage = parser.get_parsed_content("feature_stage")
+    assert stage.options["encoder_transform"] is not None
+    record = load_datalist(datalist, require_labels=False)[0]
+    feature_file, _ = stage(record, out / "patches" / "s0.h5")
+    bf16, stamp = _read(out)
+    assert stamp == "bf16" and feature_file == out / "features" / "s0.h5" and len(bf16) > 0
