@@ -38,8 +38,8 @@ def extraction_precision() -> str:
 
     Random-weight CTransPath on 2 cores of an AVX512-BF16 CPU ran 2x faster in bf16 than in fp32 here
     (19.5 vs 9.9 patches/s, batch 32, idle cores: ``python -m scripts.benchmarks.extract --precisions fp32,bf16``)
-    (cosine similarity of the two precisions' features 0.99998); on CPUs without native bf16, autocast to
-    bf16 is slower than fp32, so the demo keeps the default there.
+    (cosine similarity of the two precisions' features 0.99998); on CPUs without native bf16, autocast
+    to bf16 has no fast instructions to use (not measured here), so the demo keeps the default there.
     """
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
