@@ -560,18 +560,11 @@ def pyramid_from_drawing(image: np.ndarray, n_levels: int = 4) -> list[np.ndarra
     return levels[:n_levels]
 
 
-def write_pyramidal_tiff(path: Path, levels: np.ndarray | list[np.ndarray], mpp: float, description: str = "",
-                         n_levels: int = 4) -> None:
-    """Tiled JPEG pyramid (levels as reduced-resolution pages) with resolution tags in centimetres.
-
-    ``levels``: level 0 alone (the others are halved from it, ``n_levels`` in all) or every level,
-    each half the size of the one before.
-    """
+def write_pyramidal_tiff(path: Path, levels: list[np.ndarray], mpp: float, description: str = "") -> None:
+    """Tiled JPEG pyramid (``levels``: level 0 first, each half the size of the one before, as
+    reduced-resolution pages) with resolution tags in centimetres."""
     import tifffile
 
-    levels = list(levels) if isinstance(levels, (list, tuple)) else [levels]
-    while len(levels) < n_levels:
-        levels.append(halve(levels[-1]))
     pixels_per_cm = 1e4 / mpp
     with atomic_path(path) as tmp:
         with tifffile.TiffWriter(tmp, bigtiff=False) as tif:

@@ -63,11 +63,7 @@ def test_masked_patch_wsi_dataset_uses_the_readers_pyramid(shared_slides):
         item = dataset[index]
         y, x = (int(v) for v in item["image"].meta["location"]) if hasattr(item["image"], "meta") else item["location"]
         image = np.asarray(item["image"]).transpose(1, 2, 0)
-        expected = np.full((32, 32, 3), 255, np.uint8)
-        y0, x0 = max(y, 0), max(x, 0)
-        crop = level0[y0 : y + 32, x0 : x + 32]
-        expected[y0 - y : y0 - y + crop.shape[0], x0 - x : x0 - x + crop.shape[1]] = crop
-        assert np.array_equal(image, expected)
+        assert np.array_equal(image, _expected_patch(level0, y, x, 32))
 
 
 def test_masked_patch_wsi_dataset_on_cmu_through_an_extra_level(cmu):
@@ -95,11 +91,16 @@ def test_masked_patch_wsi_dataset_on_cmu_through_an_extra_level(cmu):
         item = dataset[index]
         y, x = (int(v) for v in item["image"].meta["location"])
         image = np.asarray(item["image"]).transpose(1, 2, 0)
-        expected = np.full((64, 64, 3), 255, np.uint8)
-        y0, x0 = max(y, 0), max(x, 0)
-        crop = small[y0 : y + 64, x0 : x + 64]
-        expected[y0 - y : y0 - y + crop.shape[0], x0 - x : x0 - x + crop.shape[1]] = crop
-        assert np.array_equal(image, expected)
+        assert np.array_equal(image, _expected_patch(small, y, x, 64))
+
+
+def _expected_patch(level0: np.ndarray, y: int, x: int, size: int) -> np.ndarray:
+    """The ``size`` x ``size`` patch at (y, x) of ``level0``, white where it lies past the image's edges."""
+    expected = np.full((size, size, 3), 255, np.uint8)
+    y0, x0 = max(y, 0), max(x, 0)
+    crop = level0[y0 : y + size, x0 : x + size]
+    expected[y0 - y : y0 - y + crop.shape[0], x0 - x : x0 - x + crop.shape[1]] = crop
+    return expected
 
 
 def test_reading_layers_import_one_way():
