@@ -125,7 +125,7 @@ def demo_stages(workdir: Path, quick: bool) -> list[Stage]:
                                                    "--out", str(subset), "--n_slides", "4", "--n_positive", "3",
                                                    "--add", str(real_slide)], [str(subset)]))
         stages.append(Stage("inference + heat maps",
-                            bundle_run(["extract.json", "preprocess.json", "inference.json"], "--datalist", str(subset), "--output_dir", str(out),
+                            bundle_run("inference.json", "--datalist", str(subset), "--output_dir", str(out),
                                        "--checkpoints", str(out / "cv"), "--allow_random_weights", "true",
                                        "--precision", extraction_precision()),
                             [str(out / "predictions.csv"), str(out / "heatmaps"), str(out / "geojson"), str(out / "attention"),

@@ -53,16 +53,15 @@ def test_benchmark_reports_bf16_vs_fp32(shared_slides, encoder):
 
 
 def test_inference_features_use_the_extraction_precision(tmp_path):
-    """``--precision`` on the inference config list reaches the features made during inference (and the
+    """``--precision`` on configs/inference.json reaches the features made during inference (and the
     declared encoder preprocessing is the one used)."""
     from monai.bundle import ConfigParser
 
     from scripts.datalist import load_datalist
-    from scripts.inference import INFERENCE_CONFIGS
 
     datalist, out = make_cohort(tmp_path, 1)
     parser = ConfigParser()
-    parser.read_config([str(p) for p in eval(INFERENCE_CONFIGS)])
+    parser.read_config("configs/inference.json")
     parser.update({"output_dir": str(out), "precision": "bf16", "num_workers": 0, "allow_random_weights": True,
                    "encoder_weights": str(tmp_path / "absent.pth")})
     stage = parser.get_parsed_content("feature_stage")

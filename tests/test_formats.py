@@ -117,9 +117,7 @@ def bundle(bundle_root, config, *args):
     import subprocess
     import sys
 
-    from scripts.inference import INFERENCE_CONFIGS  # inference.json runs as an overlay on extract/preprocess.json
-
-    config_file = INFERENCE_CONFIGS if config == "inference" else f"configs/{config}.json"
+    config_file = f"configs/{config}.json"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file,
            "--meta_file", "configs/metadata.json", *map(str, args)]
     env = dict(os.environ, PYTHONPATH=str(bundle_root), OMP_NUM_THREADS="1")
@@ -253,6 +251,7 @@ def test_inference_on_clam_and_trident_files(cmu, tmp_path, trident_models):
     top-k and GeoJSON; 10x files and another encoder are refused naming what is wrong."""
     from scripts.inference import SlideInference
     from scripts.networks.bag_classifier import BagClassifier
+    from scripts.predict import SlidePredictor
 
     rng = np.random.default_rng(5)
     c20 = grid(256)  # 20x: 256 level-0 px at 0.499 µm/px
@@ -275,9 +274,9 @@ def test_inference_on_clam_and_trident_files(cmu, tmp_path, trident_models):
     def run(out, **kw):
         from scripts.inference import SlideDataset
 
-        workflow = SlideInference(SlideDataset(datalist), BagClassifier("smile", **NET), None, trident_models, out,
-                                  top_k=4, thumbnail_size=256, feature_dirs=[t20_dir], patch_size=256,
-                                  target_mpp=0.5, **kw)
+        predictor = SlidePredictor(BagClassifier("smile", **NET), None, trident_models, out, top_k=4,
+                                   thumbnail_size=256, feature_dirs=[t20_dir], patch_size=256, target_mpp=0.5, **kw)
+        workflow = SlideInference(SlideDataset(datalist), predictor)
         return {r["slide_id"]: r for r in workflow.run()}
 
     out = tmp_path / "out"
@@ -351,10 +350,10 @@ def test_inference_cli_finds_a_trident_job(cmu, tmp_path, trident_models, bundle
 
 
 def test_false_on_the_command_line_turns_checks_off(tmp_path):
-    from scripts.inference import SlideInference
     from scripts.networks.bag_classifier import BagClassifier
+    from scripts.predict import SlidePredictor
 
-    make = functools.partial(SlideInference, [], BagClassifier("smile", **NET), None, [], tmp_path)
+    make = functools.partial(SlidePredictor, BagClassifier("smile", **NET), None, [], tmp_path)
     assert make(feature_checks="false").feature_checks is False and make().feature_checks is True
 
 

@@ -1,4 +1,5 @@
-"""configs/inference.json through the real `python -m monai.bundle run` command.
+"""configs/inference.json, alone, through the real `python -m monai.bundle run` command and through the
+public per-slide API (scripts.predict.predict_slide).
 
 The slide -> features stages are tested by their own modules; here the features are synthetic HDF5
 files (one for the real CMU H&E region, one features-only row) and the models are small training-style
@@ -18,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.inference import INFERENCE_CONFIGS, SlideInference, load_checkpoint_model, predict_bag, resolve_checkpoints
+from scripts.inference import SlideInference, load_checkpoint_model, predict_bag, resolve_checkpoints
 from scripts.networks.bag_classifier import BagClassifier
+from scripts.predict import SlidePredictor
 
 pytest.importorskip("scripts.networks.smile")
 
@@ -63,7 +65,7 @@ def test_inference_cli_on_cmu_region(shared_slides, tmp_path, bundle_root):
     _fold_checkpoints(tmp_path / "train" / "cv")
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(bundle_root))
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFERENCE_CONFIGS,
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
            "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
            "--datalist", str(tmp_path / "datalist.csv"), "--output_dir", str(out),
            "--checkpoints", str(tmp_path / "train" / "cv"), "--top_k", "4"]
@@ -117,8 +119,9 @@ def test_checkpoint_errors_are_clear(tmp_path):
 def test_missing_features_without_stages_fails_per_slide(tmp_path):
     from scripts.datalist import SlideRecord
 
-    workflow = SlideInference([SlideRecord("s1", None, None, "p", "c")], BagClassifier("smile"), None, [], tmp_path)
-    workflow.threshold = 0.5
+    _fold_checkpoints(tmp_path / "cv", n=1)
+    predictor = SlidePredictor(BagClassifier("smile"), None, tmp_path / "cv", tmp_path)
+    workflow = SlideInference([SlideRecord("s1", None, None, "p", "c")], predictor)
     result = workflow.run_slide(SlideRecord("s1", None, None, "p", "c"))
     assert result.status == "failed" and "no features for slide s1" in result.error
 
@@ -143,7 +146,7 @@ def test_raw_slides_end_to_end(shared_slides, tmp_path, bundle_root):
         w.writerow(["broken", str(shared_slides / "broken.svs"), "", "p3", "c3", ""])
     _fold_checkpoints(tmp_path / "cv", n=2, thresholds=(0.4, 0.6))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", INFERENCE_CONFIGS,
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
            "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
            "--datalist", str(datalist), "--output_dir", str(out), "--checkpoints", str(tmp_path / "cv"),
            "--allow_random_weights", "true", "--num_workers", "1", "--top_k", "4",
@@ -177,6 +180,27 @@ def test_raw_slides_end_to_end(shared_slides, tmp_path, bundle_root):
             assert 0 <= ring[:, 0].min() and ring[:, 0].max() <= width
             assert 0 <= ring[:, 1].min() and ring[:, 1].max() <= height
 
+    # the public per-slide API on the same raw slide, in a fresh folder: same grid, probability and attention
+    from scripts.predict import get_predictor, predict_slide
+
+    api_out = tmp_path / "api"
+    options = dict(allow_random_weights=True, num_workers=1, mask_backend="scipy")
+    pred = predict_slide(shared_slides / "cmu-1-small-region.svs", tmp_path / "cv", api_out, slide_id="cmu", **options)
+    with h5py.File(out / "attention" / "cmu.h5", "r") as handle:
+        np.testing.assert_array_equal(pred.coords, handle["coords"][()])
+        np.testing.assert_allclose(pred.attention, handle["attention"][()], rtol=1e-5, atol=1e-7)
+    assert pred.probability == pytest.approx(float(results["cmu"]["probability"]), abs=1e-6)
+    assert pred.threshold == pytest.approx(0.5) and pred.decision == int(pred.probability >= 0.5)
+    assert pred.random_encoder and pred.mpp == pytest.approx(0.499, abs=1e-3) and pred.n_models == 2
+    assert {"attention", "heatmap", "topk", "geojson", "patches", "features"} <= set(pred.outputs)
+    assert all(path.is_file() and api_out in path.parents for path in pred.outputs.values())
+    predictor = get_predictor(tmp_path / "cv", api_out, **options)
+    models, encoder = list(predictor.models), predictor.feature_stage.encoder
+    again = predict_slide(pred.outputs["features"], tmp_path / "cv", api_out, slide_id="cmu", **options)
+    assert again.probability == pred.probability  # a feature file: the same bag, the same answer
+    assert get_predictor(tmp_path / "cv", api_out, **options) is predictor  # loaded once, reused
+    assert all(a is b for a, b in zip(predictor.models, models)) and predictor.feature_stage.encoder is encoder
+
 
 def test_subset_datalist(tmp_path, shared_slides):
     from scripts.datalist import load_datalist
@@ -191,38 +215,118 @@ def test_subset_datalist(tmp_path, shared_slides):
     assert [r.slide_id for r in records] == ["s0", "s1", "cmu-1-small-region"]
 
 
-def test_inference_json_is_an_overlay_on_preprocess_and_extract(bundle_root):
-    """inference.json repeats no block of preprocess.json / extract.json: their tissue, reader, patch-grid and
-    encoder blocks (and every override they take) are what inference runs; inference.json alone still builds
-    network_def (what the Model Zoo tools load)."""
-    import ast
+# blocks inference.json writes out that preprocess.json / extract.json also declare: {inference id: (file, id)}
+SHARED_BLOCKS = {
+    **{k: ("preprocess.json", k) for k in (
+        "default_mpp", "patch_size", "target_mpp", "overlap", "stride", "min_tissue_fraction", "mask_backend",
+        "mask_mpp", "tissue", "reader", "open_transform", "tissue_transform", "grid_transform", "slide_transforms",
+        "settings", "overwrite")},
+    **{k: ("extract.json", k) for k in (
+        "encoder_name", "encoder_weights", "allow_random_weights", "seed", "batch_size", "num_workers",
+        "num_threads", "precision", "decode_device", "reader_backend", "backends", "read_transform",
+        "encoder_transform", "extract_transforms", "encoder")},
+    "patch_reader": ("extract.json", "reader"),
+    "patch_open_transform": ("extract.json", "open_transform"),
+}
+# extract.json's ids that inference.json renames (it holds preprocess.json's reader and open_transform too)
+RENAMED = {"@reader": "@patch_reader", "@open_transform": "@patch_open_transform"}
+# ids that mean something of their own in each file (paths, the device, the file's own workflow)
+OWN_IDS = {"imports", "bundle_root", "datalist", "output_dir", "device", "run", "workflow"}
 
-    from monai.bundle import ConfigParser
-    from monai.transforms import Compose
+
+def _renamed(value):
+    if isinstance(value, dict):
+        return {k: _renamed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_renamed(v) for v in value]
+    return RENAMED.get(value, value)
+
+
+def test_inference_json_blocks_equal_preprocess_and_extract(bundle_root):
+    """inference.json is complete on its own; every block it shares with preprocess.json / extract.json is
+    written out equal to that file's (extract.json's ``reader`` and ``open_transform`` under the names
+    ``patch_reader`` / ``patch_open_transform``; the encoder is built lazily, ``_mode_: callable``)."""
+    from scripts.extract import reader_backends
 
     configs = bundle_root / "configs"
-    overlay = json.loads((configs / "inference.json").read_text())
-    for base in ("preprocess.json", "extract.json"):
-        shared = json.loads((configs / base).read_text())
-        repeated = sorted(k for k, v in overlay.items() if k in shared and shared[k] == v)
-        # ids the Model Zoo's infer property check resolves on inference.json alone
-        assert set(repeated) <= {"bundle_root", "datalist", "output_dir"}, f"inference.json repeats {base}: {repeated}"
-    for block in ("tissue", "reader", "open_transform", "tissue_transform", "grid_transform", "slide_transforms",
-                  "settings", "encoder", "encoder_weights", "patch_size", "target_mpp", "backends"):
-        assert block not in overlay, block
+    inference = json.loads((configs / "inference.json").read_text())
+    sources = {name: json.loads((configs / name).read_text()) for name in ("preprocess.json", "extract.json")}
+    for key, (name, source_key) in SHARED_BLOCKS.items():
+        ours = inference[key]
+        if isinstance(ours, dict):
+            ours = {k: v for k, v in ours.items() if k != "_mode_"}
+        theirs = _renamed(sources[name][source_key]) if name == "extract.json" else sources[name][source_key]
+        assert ours == theirs, f"inference.json {key!r} differs from {name} {source_key!r}: {ours} != {theirs}"
+    assert inference["encoder"]["_mode_"] == "callable"
+    # preprocess.json lists its backends; inference (both readers) takes extract.json's reader_backend option,
+    # whose "auto" is that same list
+    assert list(reader_backends("auto")) == sources["preprocess.json"]["backends"]
+    for name, source in sources.items():  # no id of those files sits in inference.json unchecked
+        unchecked = set(source) & set(inference) - set(SHARED_BLOCKS) - OWN_IDS
+        assert not unchecked, f"{name} ids in inference.json not kept equal by this test: {sorted(unchecked)}"
+
+
+def _inference_parser(bundle_root, **overrides):
+    from monai.bundle import ConfigParser
+
     parser = ConfigParser()
-    parser.read_config([str(bundle_root / p) for p in ast.literal_eval(INFERENCE_CONFIGS)])
-    parser.update({"bundle_root": str(bundle_root), "patch_size": 128, "tissue#min_saturation": 40,
-                   "allow_random_weights": True, "encoder_weights": "/nonexistent.pth", "encoder_name": "ctranspath"})
-    stage = parser.get_parsed_content("patch_stage")
-    assert stage.settings.patch_size == 128 and stage.settings.tissue.min_saturation == 40  # preprocess.json's blocks
-    assert isinstance(stage.settings.transforms, Compose)
-    assert stage.settings.transforms.transforms[2].patch_size == 128
-    assert stage.settings.transforms.transforms[0].reader is parser.get_parsed_content("reader")
-    assert tuple(parser.get_parsed_content("reader").backends) == tuple(json.loads((configs / "preprocess.json").read_text())["backends"])
-    encoder = parser.get_parsed_content("feature_stage").encoder_factory  # extract.json's encoder, built lazily
-    assert callable(encoder) and encoder.keywords["name"] == "ctranspath" and encoder.keywords["weights"] == "/nonexistent.pth"
-    alone = ConfigParser()
-    alone.read_config(str(configs / "inference.json"))
-    alone["bundle_root"] = str(bundle_root)
-    assert isinstance(alone.get_parsed_content("network_def"), BagClassifier)
+    parser.read_config(str(bundle_root / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(bundle_root), "allow_random_weights": True,
+                   "encoder_weights": "/nonexistent.pth", **overrides})
+    return parser
+
+
+def test_documented_inference_overrides_reach_their_components(bundle_root):
+    """Each override the README documents for inference changes the component that uses it, on
+    inference.json alone (the merged config-file list used to drop --reader_backend)."""
+    parser = _inference_parser(bundle_root, patch_size=128, reader_backend="tifffile", num_workers=3,
+                               precision="bf16", default_mpp=0.25,
+                               **{"tissue#min_saturation": 40})
+    predictor = parser.get_parsed_content("predictor")
+    settings = predictor.patch_stage.settings
+    assert settings.patch_size == 128 and predictor.patch_size == 128
+    open_step, tissue_step, grid_step = settings.transforms.transforms
+    assert grid_step.patch_size == 128  # --patch_size: the patch grid
+    assert tissue_step.params.min_saturation == 40  # --tissue#min_saturation: the tissue mask
+    assert open_step.reader.backends == ("tifffile",) and open_step.reader.default_mpp == 0.25  # slide reader
+    stage = predictor.feature_stage
+    patch_open, read_step = stage.options["slide_transforms"].transforms
+    assert patch_open.reader.backends == ("tifffile",)  # --reader_backend: the patch reader too
+    assert read_step.num_workers == 3  # --num_workers: reading threads
+    if not torch.cuda.is_available():  # --decode_device: GPU decoding asked for on a host without CUDA
+        from scripts.errors import find_bundle_error
+
+        with pytest.raises(Exception) as raised:
+            _inference_parser(bundle_root, decode_device="cuda").get_parsed_content("predictor")
+        assert "--decode_device cpu" in str(find_bundle_error(raised.value))
+    assert stage.options["precision"] == "bf16"  # --precision
+    assert stage.encoder_factory.keywords["weights"] == "/nonexistent.pth"  # --encoder_weights
+    defaults = _inference_parser(bundle_root).get_parsed_content("predictor")
+    assert defaults.patch_stage.settings.transforms.transforms[2].patch_size == 256
+    assert defaults.patch_stage.settings.transforms.transforms[1].params.min_saturation == 15
+    assert defaults.feature_stage.options["slide_transforms"].transforms[0].reader.backends == \
+        tuple(json.loads((bundle_root / "configs" / "preprocess.json").read_text())["backends"])
+    assert defaults.feature_stage.options["slide_transforms"].transforms[1].num_workers == 2
+
+
+def test_inference_json_alone_runs_a_raw_slide_at_another_patch_size(shared_slides, tmp_path, bundle_root):
+    """``--patch_size 512`` on inference.json alone: the grid, the features and the GeoJSON tiles follow."""
+    _fold_checkpoints(tmp_path / "cv", n=1)
+    datalist = tmp_path / "d.csv"
+    datalist.write_text(f"slide_id,path\ncmu,{shared_slides / 'cmu-1-small-region.svs'}\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+           "--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf",
+           "--datalist", str(datalist), "--output_dir", str(out), "--checkpoints", str(tmp_path / "cv"),
+           "--allow_random_weights", "true", "--num_workers", "1", "--patch_size", "512", "--mask_backend", "scipy"]
+    proc = subprocess.run(cmd, cwd=bundle_root, env=dict(os.environ, PYTHONPATH=str(bundle_root)),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(csv.DictReader(open(out / "predictions.csv")))
+    assert row["status"] == "ok", row
+    with h5py.File(out / "patches" / "cmu.h5", "r") as handle:
+        coords = handle["coords"][()]
+        assert int(handle.attrs["patch_size"]) == 512
+    assert len(coords) == int(row["n_patches"]) and 0 < len(coords) <= (2220 // 513) * (2967 // 513)
+    ring = np.asarray(json.loads((out / "geojson" / "cmu.geojson").read_text())["features"][0]["geometry"]["coordinates"][0])
+    assert ring[:, 0].max() - ring[:, 0].min() == pytest.approx(512 * 0.5 / 0.499, abs=2)

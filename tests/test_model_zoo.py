@@ -112,13 +112,9 @@ def _missing_properties(config_file, workflow_type, **overrides):
 
 
 def test_infer_workflow_properties(in_bundle):
-    """The infer properties of inference.json as it runs: an overlay on extract.json and preprocess.json, whose
-    reader, tissue, patch-grid and encoder blocks its evaluator uses (check_properties builds the evaluator)."""
-    import ast
-
-    from scripts.inference import INFERENCE_CONFIGS
-
-    assert _missing_properties(list(ast.literal_eval(INFERENCE_CONFIGS)), "infer") == []
+    """The infer properties of configs/inference.json alone (check_properties builds the evaluator, so its
+    reader, tissue, patch-grid and encoder blocks are all resolved)."""
+    assert _missing_properties(INFER, "infer") == []
 
 
 def test_train_workflow_properties(in_bundle, tmp_path):

@@ -27,14 +27,9 @@ class LeftHalfTissue(TissueMaskd):
 
 
 def parse(bundle_root, name, **overrides):
-    """``name``'s config; inference.json as it runs, an overlay on extract.json and preprocess.json."""
-    import ast
-
-    from scripts.inference import INFERENCE_CONFIGS
-
-    names = [p.split("/")[-1] for p in ast.literal_eval(INFERENCE_CONFIGS)] if name == "inference.json" else [name]
+    """``name``'s config file, alone (inference.json included: it is complete on its own)."""
     parser = ConfigParser()
-    parser.read_config([str(bundle_root / "configs" / n) for n in names])
+    parser.read_config(str(bundle_root / "configs" / name))
     parser.update({"bundle_root": str(bundle_root), **overrides})
     return parser
 
@@ -154,17 +149,14 @@ def test_encoder_input_matches_the_encoders_preprocessing():
 
 
 def test_inference_reads_patches_with_extract_jsons_transforms(bundle_root):
-    """Inference (extract.json + preprocess.json + inference.json) extracts features with extract.json's
-    declared per-slide transforms, opened by the one reader component of the merged config."""
-    import ast
-
-    from scripts.inference import INFERENCE_CONFIGS
-
+    """inference.json extracts features with the per-slide transforms it declares (extract.json's blocks),
+    opened by its own patch reader (extract.json's ``reader``: no µm/px required, the grid is known)."""
     parser = ConfigParser()
-    parser.read_config([str(bundle_root / p) for p in ast.literal_eval(INFERENCE_CONFIGS)])
+    parser.read_config(str(bundle_root / "configs" / "inference.json"))
     parser.update({"bundle_root": str(bundle_root), "allow_random_weights": True, "encoder_weights": "/nonexistent.pth"})
     stage = parser.get_parsed_content("feature_stage")
     compose = stage.options["slide_transforms"]
     assert compose is parser.get_parsed_content("extract_transforms")
     assert [type(t).__name__ for t in compose.transforms] == ["OpenSlided", "ReadPatchesd"]
-    assert compose.transforms[0].reader is parser.get_parsed_content("reader")
+    assert compose.transforms[0].reader is parser.get_parsed_content("patch_reader")
+    assert parser.get_parsed_content("patch_reader").require_mpp is False
