@@ -288,6 +288,7 @@ class SlidePredictor:
         self.checkpoint_paths: list[Path] = []
         self.expected = FeatureExpectation()
         self._fingerprint: str | None = None
+        self._overrides: dict | None = None  # from_config's overrides (part of the fingerprint)
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------------------------- construction
@@ -360,7 +361,7 @@ class SlidePredictor:
             weights = encoder.get("weights")
             if weights and Path(str(weights)).is_file():
                 encoder["weights"] = _file_sha256(Path(str(weights)))
-            overrides = {k: v for k, v in (getattr(self, "_overrides", None) or {}).items() if k != "checkpoints"}
+            overrides = {k: v for k, v in (self._overrides or {}).items() if k != "checkpoints"}
             record = {"threshold": self.requested_threshold, "patch_size": self.patch_size,
                       "target_mpp": self.target_mpp, "encoder": encoder, "overrides": overrides}
             digest.update(json.dumps(record, sort_keys=True, default=str).encode())
