@@ -31,8 +31,8 @@ from scripts.formats.layout import OutputLayout
 from scripts.io_utils import write_csv, write_json
 from scripts.metrics import classification_report, format_ci, nan_to_none, plot_roc
 from scripts.mil_data import Bag, feature_dim
+from scripts.ensemble import ENSEMBLE_THRESHOLD_RULE, FoldEnsemble, ensemble_threshold  # noqa: F401 - re-exported
 from scripts.formats.checkpoints import find_fold_checkpoints
-from scripts.training import load_checkpoint, predict
 
 logger = logging.getLogger(__name__)
 
@@ -51,44 +51,6 @@ def evaluation_bags(datalist, features_dir=None, **kwargs):
             "(there is no default: the training cohort would be scored by models that saw it)"
         )
     return bags_from_datalist(datalist, features_dir, **kwargs)
-
-
-ENSEMBLE_THRESHOLD_RULE = (
-    "mean of the fold models' operating thresholds, each the Youden threshold on that fold's validation slides "
-    "only (never on the evaluated cohort), applied to the mean probability of the fold models; folds whose "
-    "validation set was empty or one-class (threshold fell back to 0.5) are left out; 0.5 if none is left"
-)
-
-
-def ensemble_threshold(checkpoints: Sequence[tuple[str, dict]]) -> tuple[float, dict]:
-    """The fold ensemble's operating threshold (:data:`ENSEMBLE_THRESHOLD_RULE`) and its record.
-
-    Chosen on the folds' validation data only; warns naming the folds that fell back, and when the whole
-    ensemble falls back to 0.5.
-    """
-    from scripts.training import THRESHOLD_FALLBACK
-
-    used, fallback = {}, []
-    for name, checkpoint in checkpoints:
-        value = checkpoint.get("threshold")
-        source = str(checkpoint.get("threshold_source", ""))
-        if value is None or not np.isfinite(float(value)) or source == THRESHOLD_FALLBACK:
-            fallback.append(name)
-        else:
-            used[name] = float(value)
-    if used:
-        threshold = float(np.mean(list(used.values())))
-        if fallback:
-            logger.warning("ensemble threshold: fold model(s) %s had no usable validation threshold (empty or one-class "
-                           "validation set); the threshold %.3f is the mean of the other %d", ", ".join(fallback), threshold,
-                           len(used))  # fmt: skip
-    else:
-        threshold = 0.5
-        logger.warning("ensemble threshold: no fold model has a validation threshold (%s); fallback 0.5",
-                       ", ".join(fallback) or "no models")  # fmt: skip
-    record = {"rule": ENSEMBLE_THRESHOLD_RULE, "threshold": threshold, "fold_thresholds": used, "fallback_folds": fallback,
-              "fell_back_to_0.5": not used}  # fmt: skip
-    return threshold, record
 
 
 def find_fold_models(models_dir: str | Path) -> list[Path]:
@@ -113,21 +75,17 @@ def evaluate_cohort(
     validation data unless ``allow_overlap``.
     """
     out_dir = OutputLayout(output_dir).evaluation_dir
-    paths = find_fold_models(models_dir)
+    ensemble = FoldEnsemble(find_fold_models(models_dir), device=device).load()
+    paths, names, models = ensemble.paths, ensemble.names, ensemble.models
     dim = feature_dim(bags)
-    loaded = [(path, *load_checkpoint(path, device)) for path in paths]
-    overlap = check_overlap(bags, [(p.parent.name, c) for p, _, c in loaded], models_dir, allow_overlap=allow_overlap)
-    threshold, threshold_record = ensemble_threshold([(p.parent.name, c) for p, _, c in loaded])
-    fold_probs, thresholds, names, models = [], [], [], []
-    for path, model, checkpoint in loaded:
+    overlap = check_overlap(bags, ensemble.named_checkpoints(), models_dir, allow_overlap=allow_overlap)
+    threshold, threshold_record = ensemble.threshold, ensemble.threshold_record
+    for path, checkpoint in zip(paths, ensemble.extras):
         expected = checkpoint.get("feature_dim")
         if expected is not None and int(expected) != dim:
             raise ValueError(f"{path} was trained on {expected}-d features but this cohort has {dim}-d features; use the same encoder")
-        fold_probs.append(predict(model, bags, batch_size=batch_size, device=device))
-        thresholds.append(float(checkpoint.get("threshold", 0.5)))
-        names.append(path.parent.name)
-        models.append(model)
-    probs = np.mean(fold_probs, axis=0)
+    thresholds = [float(c.get("threshold", 0.5)) for c in ensemble.extras]
+    probs, fold_probs = ensemble.score_bags(bags, batch_size=batch_size)
     rows = []
     for i, bag in enumerate(bags):
         row = {"slide_id": bag.bag_id, "patient_id": bag.patient_id, "center": bag.center,

@@ -27,8 +27,8 @@ Per slide it writes (all atomically) under the output folder, as the workflow do
 
 Models: ``checkpoints`` is a training checkpoint (``<train_out>/cv/fold0/model.pt``), a training output folder
 (``<train_out>/cv``: every ``fold*/model.pt``; probabilities and attention are averaged), a list of files, or
-``models/model.pt`` (the state_dict of ``network_def``). The threshold, when not given, is the mean of the
-checkpoints' validation (Youden) thresholds where they carry one, else 0.5.
+``models/model.pt`` (the state_dict of ``network_def``), loaded by :class:`scripts.ensemble.FoldEnsemble`; the
+threshold, when not given, is that component's rule (``ENSEMBLE_THRESHOLD_RULE``, the same as evaluation's).
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import tempfile
 import threading
 import time
@@ -53,7 +52,7 @@ from torch import nn
 from scripts.attention_outputs import percentile_rank, write_attention_h5, write_geojson, write_slide_outputs
 from scripts.datalist import SlideRecord
 from scripts.errors import BundleError
-from scripts.formats.checkpoints import load_into_network, resolve_checkpoints
+from scripts.ensemble import FoldEnsemble, predict_bag  # noqa: F401 - predict_bag re-exported
 from scripts.formats.feature_file import (
     FeatureExpectation, FeatureFileError, check_features, feature_candidates, feature_info, find_feature_file,
     patch_geometry, read_features,
@@ -70,28 +69,7 @@ class PredictionError(BundleError):
     """A slide (or feature file) that cannot be predicted: the message names the file and the reason."""
 
 
-# ------------------------------------------------------------------------------------------------ model
-@torch.inference_mode()
-def predict_bag(
-    models: Sequence[nn.Module], features: torch.Tensor, device: torch.device | str = "cpu",
-    inferer: Callable | None = None,
-) -> tuple[float, np.ndarray, list[float]]:
-    """Probability (mean over models of sigmoid(logit)), attention (N,) (mean over models; sums to 1),
-    and each model's probability. ``features`` is (N, D); models take channel-first (1, D, N) bags."""
-    if features.ndim != 2 or features.shape[0] == 0:
-        raise ValueError(f"a bag needs at least one patch feature (N, D); got shape {tuple(features.shape)}")
-    bag = features.to(device, non_blocking=True).T.unsqueeze(0)  # (1, D, N), a view: no copy on CPU
-    attention = torch.zeros(features.shape[0], dtype=torch.float64)
-    probs = []
-    for model in models:
-        call = model.forward_with_attention
-        logits, att = inferer(bag, call) if inferer is not None else call(bag)
-        probs.append(float(torch.sigmoid(logits.float()).reshape(-1)[0]))
-        attention += att.reshape(-1).double().cpu()
-    attention /= len(models)
-    return float(np.mean(probs)), attention.numpy(), probs
-
-
+# ------------------------------------------------------------------------------------------------ slides
 def open_slide_for_outputs(path: str | Path, slide_id: str, mpp: float | None = None):
     """An open slide with ``dimensions``, ``thumbnail(max_size)`` and ``read_region((x, y), (w, h), level)``."""
     from scripts.wsi.open import open_slide
@@ -234,7 +212,7 @@ class SlidePredictor:
         output_dir: where every output goes (patches/, features/ are reused across calls); None: a temporary
             folder kept for the predictor's lifetime.
         device: torch device for the MIL head.
-        threshold: operating threshold; None = the mean of the checkpoints' validation thresholds, else 0.5.
+        threshold: operating threshold; None = :data:`scripts.ensemble.ENSEMBLE_THRESHOLD_RULE`.
         patch_stage, feature_stage: :class:`PatchStage` / :class:`FeatureStage` (None: feature files only).
         top_k: patches in the top-k picture (0 = none).
         thumbnail_size: longer side of the heat-map thumbnail in pixels.
@@ -283,8 +261,10 @@ class SlidePredictor:
         self.patch_size = patch_size if patch_size is not None else getattr(settings, "patch_size", None)
         self.target_mpp = target_mpp if target_mpp is not None else getattr(settings, "target_mpp", None)
         self.write_outputs = flag(write_outputs)
+        self.ensemble: FoldEnsemble | None = None
         self.models: list[nn.Module] = []
         self.model_extras: list[dict] = []
+        self.threshold_record: dict = {}
         self.checkpoint_paths: list[Path] = []
         self.expected = FeatureExpectation()
         self._fingerprint: str | None = None
@@ -316,23 +296,15 @@ class SlidePredictor:
 
     # -------------------------------------------------------------------------------------------- models
     def load(self) -> "SlidePredictor":
-        """Load the fold models (once; later calls return at once)."""
+        """Load the fold models (once; later calls return at once) into the :class:`FoldEnsemble`, whose
+        threshold rule (the same as evaluation's) gives the operating threshold unless one was given."""
         with self._lock:
             if self.models:
                 return self
-            paths = resolve_checkpoints(self.checkpoints)
-            models, extras = [], []
-            for path in paths:
-                model, extra = load_into_network(path, self.network_def)
-                models.append(model.to(self.device).eval())
-                extras.append(extra)
-            self.checkpoint_paths, self.model_extras = list(paths), extras
-            if self.requested_threshold is None:
-                fold_thresholds = [float(e["threshold"]) for e in extras
-                                   if isinstance(e.get("threshold"), (int, float)) and math.isfinite(e["threshold"])]
-                self.threshold = float(np.mean(fold_thresholds)) if fold_thresholds else 0.5
-            else:
-                self.threshold = float(self.requested_threshold)
+            ensemble = FoldEnsemble(self.checkpoints, self.network_def, self.device, self.requested_threshold).load()
+            extras = ensemble.extras
+            self.checkpoint_paths, self.model_extras = list(ensemble.paths), extras
+            self.threshold, self.threshold_record = float(ensemble.threshold), ensemble.threshold_record
             self.expected = FeatureExpectation.from_checkpoints(extras)
             if self.expected.feature_dim is None:
                 dims = {int(e["feature_dim"]) for e in extras if isinstance(e.get("feature_dim"), int)}
@@ -341,8 +313,10 @@ class SlidePredictor:
                 self.expected.target_mpp = float(self.target_mpp)  # checkpoints without a record: the configured scale
                 if self.expected.patch_size is None and self.patch_size:
                     self.expected.patch_size = int(self.patch_size)
-            self.models = models  # last: a half-loaded ensemble is never visible
-            logger.info("%d model(s) from %s; threshold %.3f", len(models), ", ".join(map(str, paths)), self.threshold)
+            self.ensemble = ensemble
+            self.models = ensemble.models  # last: a half-loaded predictor is never visible
+            logger.info("%d model(s) from %s; threshold %.3f (%s)", len(self.models),
+                        ", ".join(map(str, ensemble.paths)), self.threshold, self.threshold_record.get("rule"))
             return self
 
     @property
@@ -397,7 +371,7 @@ class SlidePredictor:
         features, coords = read_features(feature_file, slide_id=record.slide_id,
                                          patch_folders=[OutputLayout(self.output_dir).patches_dir])
         with self._lock:  # one bag through the ensemble at a time (shared modules, eval mode)
-            probability, attention, _ = predict_bag(self.models, features, self.device, self.inferer)
+            probability, attention, _ = self.ensemble.score_bag(features, self.inferer)
         del features
         timings["mil"] = time.perf_counter() - start
         if geometry.patch_size_level0 is None:
