@@ -26,3 +26,23 @@ demo: install
 
 clean-demo:
 	rm -rf data/demo
+
+# MONAI Label server for QuPath / DSA (apps/monailabel; docs/monailabel.md). serve-install adds MONAI Label
+# 0.8.5 to .venv without moving any pin (requirements.txt is the constraint file).
+STUDIES ?= data/demo/cohort/slides
+CHECKPOINTS ?= models/model.pt
+HOST ?= 127.0.0.1
+PORT ?= 8000
+SERVE_CONF ?=
+
+.PHONY: serve-install serve
+serve-install: $(VENV)/.monailabel
+
+$(VENV)/.monailabel: $(VENV)/.installed apps/monailabel/requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps monailabel==0.8.5 ./apps/monailabel/stubs/pydicom_seg $(PIP_QUIET)
+	$(PY) -m pip install -q --disable-pip-version-check -r apps/monailabel/requirements.txt -c requirements.txt $(PIP_QUIET)
+	@touch $@
+
+serve: serve-install
+	$(PY) -m monailabel.main start_server --app apps/monailabel --studies $(STUDIES) --host $(HOST) --port $(PORT) \
+		--conf models smile --conf checkpoints $(CHECKPOINTS) $(SERVE_CONF)

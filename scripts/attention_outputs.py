@@ -359,6 +359,77 @@ def write_geojson(
     return path
 
 
+# ------------------------------------------------------------------------------------ tier outlines
+def tier_outlines(
+    coords,
+    scores,
+    patch_size_level0: float,
+    region: tuple[float, float, float, float] | None = None,
+    slide_size: tuple[int, int] | None = None,
+) -> list[tuple[str, tuple[int, int, int], list[list[list[float]]]]]:
+    """The patches of ``region`` merged per attention tier into a few hole-free outlines (for viewers).
+
+    A viewer such as QuPath draws one object per polygon it receives; one square per patch is thousands of
+    objects on a real slide. Here the patches of each :data:`ATTENTION_TIERS` tier (the within-slide
+    percentile over *all* patches, as in the GeoJSON) are unioned with shapely, and each union is cut into
+    pieces without holes (ASAP XML and DSA polylines carry one ring per polygon, so a hole would be drawn
+    filled): a polygon with a hole is split by a vertical line through a point inside the hole, until none
+    is left; collinear and sub-pixel vertices are then dropped (``simplify(0.5)``).
+
+    Args:
+        region: level-0 ``(x, y, width, height)``; a patch belongs to it when its top-left corner lies in
+            ``[x, x + width) x [y, y + height)``, so each patch falls in exactly one tile of a tiling.
+            None: every patch.
+        slide_size: level-0 (width, height); outlines are clipped to it when given.
+
+    Returns:
+        ``[(tier name, RGB colour, [closed ring, ...]), ...]`` for the tiers that have patches in the
+        region, highest tier first; a ring is a list of ``[x, y]`` level-0 pixels, first point repeated last.
+    """
+    import shapely
+    from shapely.ops import unary_union
+
+    coords, scores, patch_size_level0 = check_patch_inputs(coords, scores, patch_size_level0)
+    if coords.shape[0] == 0:
+        return []
+    percentiles = percentile_rank(scores)
+    inside = np.ones(coords.shape[0], dtype=bool)
+    if region is not None:
+        x, y, width, height = (float(v) for v in region)
+        inside = (coords[:, 0] >= x) & (coords[:, 0] < x + width) & (coords[:, 1] >= y) & (coords[:, 1] < y + height)
+    boxes = shapely.box(coords[:, 0], coords[:, 1], coords[:, 0] + patch_size_level0, coords[:, 1] + patch_size_level0)
+    if slide_size is not None:
+        boxes = shapely.intersection(boxes, shapely.box(0, 0, float(slide_size[0]), float(slide_size[1])))
+    tiers = np.array([attention_tier(p)[0] for p in percentiles])
+    outlines = []
+    for _, name, colour in ATTENTION_TIERS:
+        chosen = inside & (tiers == name)
+        if not chosen.any():
+            continue
+        merged = unary_union(boxes[chosen])
+        pieces = [g.simplify(0.5) for part in getattr(merged, "geoms", [merged]) for g in _hole_free(part) if g.area > 0]
+        rings = [[[round(float(px), 2), round(float(py), 2)] for px, py in piece.exterior.coords] for piece in pieces]
+        outlines.append((name, colour, rings))
+    return outlines
+
+
+def _hole_free(polygon, depth: int = 0) -> list:
+    """``polygon`` cut into pieces without interior rings (see :func:`tier_outlines`)."""
+    from shapely.geometry import LineString, Polygon
+    from shapely.ops import split
+
+    if polygon.geom_type != "Polygon":
+        return [g for part in getattr(polygon, "geoms", []) for g in _hole_free(part, depth)]
+    if not polygon.interiors:
+        return [polygon]
+    if depth > 256:  # cannot happen on a patch grid (each cut opens a hole); keep the outline, lose the hole
+        return [Polygon(polygon.exterior)]
+    x = Polygon(polygon.interiors[0]).representative_point().x  # strictly inside the hole
+    _, miny, _, maxy = polygon.bounds
+    pieces = split(polygon, LineString([(x, miny - 1.0), (x, maxy + 1.0)])).geoms
+    return [g for piece in pieces for g in _hole_free(piece, depth + 1)]
+
+
 # ---------------------------------------------------------------------------------------- all at once
 def write_slide_outputs(
     output_dir: str | Path,

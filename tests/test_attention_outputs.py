@@ -150,3 +150,48 @@ def test_heatmap_draws_annotation_outlines_where_they_are(tmp_path):
     # the changed pixels span a box with the annotation's 2:1 aspect (1000 x 500 level-0 px)
     (y0, x0), (y1, x1) = changed.min(0), changed.max(0)
     assert 1.6 < (x1 - x0) / (y1 - y0) < 2.4
+
+
+def test_tier_outlines_merge_each_tier_without_holes():
+    """A ring of highly attended patches around a low one, on a 6 x 6 grid: every tier's union is drawn exactly
+    (no patch lost, none added), no polygon has a hole (ASAP/DSA cannot carry one), and far fewer polygons
+    than patches come back; a region keeps only the patches whose corner lies in it, ranked over the slide."""
+    import shapely
+
+    from scripts.attention_outputs import attention_tier, percentile_rank, tier_outlines
+
+    side = 256
+    xs, ys = np.meshgrid(np.arange(6) * side, np.arange(6) * side)
+    coords = np.stack([xs.ravel(), ys.ravel()], 1)
+    gx, gy = coords[:, 0] // side, coords[:, 1] // side
+    scores = np.where((np.maximum(abs(gx - 2), abs(gy - 2)) == 1), 50.0, 1.0)  # ring around cell (2, 2)
+    scores[(gx == 5) & (gy == 5)] = 100.0  # the single most attended patch
+    scores = scores + np.arange(len(scores)) * 1e-3  # no ties
+    outlines = tier_outlines(coords, scores, side)
+    tiers = [attention_tier(p)[0] for p in percentile_rank(scores)]
+    assert [name for name, _, _ in outlines] == ["Attention high", "Attention medium", "Attention low"]
+    total = 0
+    for name, colour, rings in outlines:
+        polygons = [shapely.Polygon(r) for r in rings]
+        assert all(p.is_valid and not p.interiors for p in polygons)
+        assert all(r[0] == r[-1] for r in rings)
+        mine = np.array([t == name for t in tiers])
+        expected = shapely.union_all(shapely.box(coords[mine, 0], coords[mine, 1], coords[mine, 0] + side,
+                                                 coords[mine, 1] + side))
+        assert shapely.symmetric_difference(expected, shapely.union_all(polygons)).area == pytest.approx(0, abs=1e-6)
+        assert sum(p.area for p in polygons) == pytest.approx(expected.area)  # pieces do not overlap
+        total += len(rings)
+    assert total <= 8 < len(coords)
+
+    region = (256, 256, 512, 512)  # cells (1..2, 1..2)
+    inside = (gx >= 1) & (gx <= 2) & (gy >= 1) & (gy <= 2)
+    clipped = tier_outlines(coords, scores, side, region=region, slide_size=(1400, 1400))
+    area = sum(shapely.Polygon(r).area for _, _, rings in clipped for r in rings)
+    assert area == pytest.approx(inside.sum() * side * side)
+    # tiers ranked over the whole slide: the region's ring patches stay "medium", its centre "low" (ranked
+    # inside the region alone, the ring would be its top patches)
+    assert [name for name, _, _ in clipped] == ["Attention medium", "Attention low"]
+    assert {tiers[i] for i in np.flatnonzero(inside)} == {"Attention medium", "Attention low"}
+    assert tier_outlines(coords[:0], scores[:0], side) == []
+    edge = tier_outlines(coords, scores, side, slide_size=(1400, 1400))  # the last column is cut at x = 1400
+    assert max(max(x for x, _ in r) for _, _, rings in edge for r in rings) == pytest.approx(1400)
