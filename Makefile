@@ -18,7 +18,8 @@ $(VENV)/.installed: requirements.txt requirements-test.txt requirements-referenc
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-reference.txt $(PIP_QUIET)
 	@touch $@
 
-test: install
+# serve-install: the MONAI Label app's tests start a real server (they skip without it)
+test: install serve-install
 	$(PY) -m pytest tests
 
 demo: install

@@ -64,7 +64,7 @@ class Server:
             params: dict | None = None, endpoint: str = "wsi_v2") -> tuple[int, bytes]:
         """The extensions' request. ``wsi_v2``: POST /infer/wsi_v2/<model>?image=..&output=.. with a multipart
         ``wsi`` field (DSA; QuPath when it uploads a region). ``wsi``: the same region as a JSON body to
-        /infer/wsi/<model>, which is what QuPath's extension (0.8.x) sends for an image the server has."""
+        /infer/wsi/<model>, which is what the QuPath extension in MONAI Label's repository sends for an image the server has."""
         wsi = {"level": 0, "location": list(location), "size": list(size), "tile_size": list(tile_size),
                "min_poly_area": 30, "params": params or {"foreground": [], "background": [], "max_workers": 1}}
         query = urllib.parse.urlencode({"image": image, "output": output})
