@@ -224,6 +224,7 @@ def compare_methods(
             "accuracy_at_0.5": pooled["at_0.5"]["accuracy"],
             "f1_at_0.5": pooled["at_0.5"]["f1"],
             "median_best_epoch": float(np.median([f["best_epoch"] for f in summary["folds"]])),
+            "feature_norm": summary.get("feature_norm", "none"),
             "seconds": round(time.perf_counter() - start, 1),
             "network_kwargs": kwargs,
         }
@@ -231,7 +232,8 @@ def compare_methods(
             write_csv(OutputLayout(out_dir / name).oof_predictions, result.predictions)
         if annotations:
             row.update(localisation_columns(out_of_fold_localisation(bags, splits, result.models, annotations,
-                                                                     out_dir / name, top_k, n_bootstrap)))
+                                                                     out_dir / name, top_k, n_bootstrap,
+                                                                     feature_norms=result.feature_norms)))
             result.models.clear()
         rows.append(row)
         bar.write(f"{name}: pooled AUC {_fmt(row['pooled_auc'])}, fold AUC {_fmt(row['auc_mean'])} ± {_fmt(row['auc_std'])}")
@@ -306,17 +308,25 @@ def _run_cv(factory, bags, splits, settings, output_dir, n_bootstrap, keep_model
 
 
 def out_of_fold_localisation(bags: Sequence[Bag], splits: dict, models: Sequence[Any], annotations: Mapping[str, str | Path],
-                             output_dir: str | Path, top_k: int = 8, n_bootstrap: int = 2000) -> dict:
+                             output_dir: str | Path, top_k: int = 8, n_bootstrap: int = 2000,
+                             feature_norms: Sequence[Any] | None = None) -> dict:
     """Localisation outputs under ``output_dir`` from each annotated slide's out-of-fold attention
-    (``models`` in the order of ``splits["folds"]``)."""
+    (``models`` in the order of ``splits["folds"]``; ``feature_norms``: each fold's feature standardiser or
+    None, as :class:`scripts.training.CVResult` gives them)."""
     from scripts.metrics.localisation import SlideAttention, bag_attention, localise_cohort, patch_geometry
 
     by_id = {b.bag_id: b for b in bags}
-    if models and bags and bag_attention(models[0], bags[0].load()) is None:
+    norms = list(feature_norms or []) + [None] * (len(models) - len(feature_norms or []))
+
+    def features(bag, k):
+        x = bag.load()
+        return norms[k](x) if norms[k] is not None else x
+
+    if models and bags and bag_attention(models[0], features(bags[0], 0)) is None:
         return {"n_slides": 0, "top_k": top_k, "attention": False}  # mean / max pooling: nothing to localise
 
     def slides():
-        for fold, model in zip(splits["folds"], models):
+        for k, (fold, model) in enumerate(zip(splits["folds"], models)):
             for slide_id in fold["test"]:
                 bag = by_id.get(slide_id)
                 if bag is None or not annotations.get(slide_id) or bag.features_path is None:
@@ -326,7 +336,7 @@ def out_of_fold_localisation(bags: Sequence[Bag], splits: dict, models: Sequence
                 except (OSError, ValueError) as error:
                     logger.warning("localisation of %s: %s", slide_id, error)
                     continue
-                yield SlideAttention(slide_id, bag.patient_id, bag.label, coords, size, bag_attention(model, bag.load()),
+                yield SlideAttention(slide_id, bag.patient_id, bag.label, coords, size, bag_attention(model, features(bag, k)),
                                      Path(annotations[slide_id]))
 
     return localise_cohort(slides(), output_dir, top_k=top_k, n_bootstrap=n_bootstrap)
@@ -454,7 +464,9 @@ def comparison_markdown(comparison: dict) -> str:
         + (f"; centres {', '.join(cohort['centers'])}" if cohort.get("centers") else "") + ".",
         f"Training (all methods alike): {settings.get('epochs')} epochs max, batch {settings.get('batch_size')} bags, "
         f"optimiser {_describe_optimizer(settings.get('optimizer'))}, selection on validation {settings.get('monitor')}, "
-        f"patience {settings.get('patience')}, seed {settings.get('seed')}.",
+        f"patience {settings.get('patience')}, seed {settings.get('seed')}; input features "
+        + ("standardised per fold (mean/std of the fold's training instances)" if settings.get("feature_norm") == "standardize"
+           else "not standardised (feature_norm none)") + ".",
         "",
         f"| method | params | fold AUC mean ± std | pooled AUC [95% CI] | accuracy | F1 | ΔAUC {ref} − method | DeLong p | bootstrap p (patients) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",

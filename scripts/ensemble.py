@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from scripts.formats.checkpoints import build_from_checkpoint, load_into_network, resolve_checkpoints
+from scripts.feature_norm import FeatureStandardizer
+from scripts.formats.checkpoints import CheckpointError, build_from_checkpoint, load_into_network, resolve_checkpoints
 from scripts.training import THRESHOLD_FALLBACK, predict
 
 logger = logging.getLogger(__name__)
@@ -65,17 +66,20 @@ def ensemble_threshold(checkpoints: Sequence[tuple[str, dict]]) -> tuple[float, 
 @torch.inference_mode()
 def predict_bag(
     models: Sequence[nn.Module], features: torch.Tensor, device: torch.device | str = "cpu",
-    inferer: Callable | None = None,
+    inferer: Callable | None = None, feature_norms: Sequence[Callable | None] | None = None,
 ) -> tuple[float, np.ndarray, list[float]]:
     """Probability (mean over models of sigmoid(logit)), attention (N,) (mean over models; sums to 1),
     and each model's probability. ``features`` is (N, D); models take channel-first (1, D, N) bags and have
-    ``forward_with_attention``."""
+    ``forward_with_attention``. ``feature_norms``: per model, the transform its fold was trained with
+    (:class:`scripts.feature_norm.FeatureStandardizer`) or None."""
     if features.ndim != 2 or features.shape[0] == 0:
         raise ValueError(f"a bag needs at least one patch feature (N, D); got shape {tuple(features.shape)}")
-    bag = features.to(device, non_blocking=True).T.unsqueeze(0)  # (1, D, N), a view: no copy on CPU
+    raw = features.to(device, non_blocking=True)
     attention = torch.zeros(features.shape[0], dtype=torch.float64)
     probs = []
-    for model in models:
+    for i, model in enumerate(models):
+        norm = feature_norms[i] if feature_norms else None
+        bag = (norm(raw) if norm is not None else raw).T.unsqueeze(0)  # (1, D, N), a view: no copy on CPU
         call = model.forward_with_attention
         logits, att = inferer(bag, call) if inferer is not None else call(bag)
         probs.append(float(torch.sigmoid(logits.float()).reshape(-1)[0]))
@@ -112,6 +116,7 @@ class FoldEnsemble:
         self.extras: list[dict] = []
         self.threshold: float | None = self.requested_threshold
         self.threshold_record: dict = {}
+        self.feature_norms: list = []  # per model: FeatureStandardizer or None (the checkpoint's feature_norm)
 
     def load(self) -> "FoldEnsemble":
         if self.models:
@@ -126,6 +131,10 @@ class FoldEnsemble:
             models.append(model.to(self.device).eval())
             extras.append({k: v for k, v in extra.items() if k != "model"})
         self.paths, self.names, self.extras = list(paths), [model_name(p) for p in paths], extras
+        try:
+            self.feature_norms = [FeatureStandardizer.from_record(e.get("feature_norm")) for e in extras]
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{', '.join(map(str, paths))}: unreadable feature_norm record: {error}") from None
         threshold, record = ensemble_threshold(list(zip(self.names, extras)))
         if self.requested_threshold is not None:
             threshold = self.requested_threshold
@@ -144,13 +153,15 @@ class FoldEnsemble:
 
     def score_bag(self, features: torch.Tensor, inferer: Callable | None = None) -> tuple[float, np.ndarray, list[float]]:
         """One bag (N, D) through every model (:func:`predict_bag`)."""
-        return predict_bag(self.load().models, features, self.device, inferer)
+        self.load()
+        return predict_bag(self.models, features, self.device, inferer, self.feature_norms)
 
     def score_bags(self, bags: Sequence, batch_size: int = 12) -> tuple[np.ndarray, list[np.ndarray]]:
         """Many bags (:class:`scripts.mil_data.Bag`) through every model in packed batches: (mean probability
         per bag, each model's probabilities). For models rebuilt from their checkpoints (``network_def`` None)."""
         self.load()
-        per_model = [predict(model, bags, batch_size=batch_size, device=self.device) for model in self.models]
+        per_model = [predict(model, norm.apply(bags) if norm is not None else bags, batch_size=batch_size,
+                             device=self.device) for model, norm in zip(self.models, self.feature_norms)]
         return np.mean(per_model, axis=0), per_model
 
 

@@ -48,6 +48,7 @@ from scripts.formats.layout import OutputLayout
 from scripts.io_utils import write_csv, write_json
 from scripts.metrics import classification_report, format_ci, nan_to_none, plot_roc, youden_threshold
 from scripts.distributed import broadcast_buffers, is_main_process, unwrap, wrap_ddp
+from scripts.feature_norm import check_feature_norm, fit_feature_norm, standardize_bags
 from scripts.mil_data import Bag, BagDataset, collate_bags, feature_dim
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,8 @@ class TrainSettings:
         progress: show a progress bar per fold.
         num_threads: torch CPU threads while training (None = torch's default). Tiny bags (MUSK,
             small demo bags) train faster on 1 thread, especially on a busy machine.
+        feature_norm: ``"none"`` or ``"standardize"`` (:mod:`scripts.feature_norm`: per-dimension mean and
+            standard deviation fitted on each fold's training bags only, stored in its checkpoint).
     """
 
     epochs: int = 100
@@ -129,6 +132,7 @@ class TrainSettings:
     progress: bool = True
     num_threads: int | None = None
     distributed: bool = False  # under torchrun: DDP + DistributedSampler (configs/multi_gpu_train.json)
+    feature_norm: str = "none"
 
     def torch_device(self) -> torch.device:
         if self.device in (None, "auto"):
@@ -450,12 +454,15 @@ def predict(model: nn.Module, bags: Sequence[Bag], batch_size: int = 12, device:
 @dataclass
 class CVResult:
     """What :func:`run_cross_validation` returns: ``summary`` (as in ``summary.json``), out-of-fold
-    ``predictions`` (one dict per test slide), the fold ``models`` and their ``histories``."""
+    ``predictions`` (one dict per test slide), the fold ``models``, their ``histories`` and their feature
+    standardisers (``feature_norms``: one :class:`~scripts.feature_norm.FeatureStandardizer` or None per
+    fold; a fold model takes its bags through it)."""
 
     summary: dict
     predictions: list[dict]
     models: list[nn.Module] = field(default_factory=list)
     histories: list[dict] = field(default_factory=list)
+    feature_norms: list = field(default_factory=list)
 
 
 def run_cross_validation(
@@ -475,8 +482,10 @@ def run_cross_validation(
     :func:`train_fold` with ``network_factory`` and ``settings`` (seed + k). ``configs/train.json`` passes
     :func:`train_from_config` instead (see :func:`config_cross_validation`).
 
-    Per fold: :func:`train_fold` on the fold's train bags with its val bags for selection, a
-    threshold chosen on the val bags (Youden), then the test bags are predicted. With ``output_dir``,
+    Per fold: with ``settings.feature_norm == "standardize"`` a standardiser fitted on the fold's train
+    bags only (:mod:`scripts.feature_norm`) is applied to its train, val and test bags; then
+    :func:`train_fold` on the train bags with the val bags for selection, a threshold chosen on the val
+    bags (Youden), then the test bags are predicted. With ``output_dir``,
     ``<output_dir>/cv/`` receives ``fold<k>/model.pt`` (+ ``history.csv``, ``predictions.csv``),
     ``oof_predictions.csv``, ``summary.json``, ``roc.png`` and ``model.pt`` (the fold with the best
     validation AUC; fold ensembles are formed at evaluation).
@@ -484,13 +493,16 @@ def run_cross_validation(
     settings = settings or TrainSettings()
     by_id = {b.bag_id: b for b in bags}
     cv_dir = OutputLayout(output_dir).cv_dir if output_dir is not None and is_main_process() else None  # rank 0 writes
-    fold_rows, predictions, models, histories = [], [], [], []
+    fold_rows, predictions, models, histories, norms = [], [], [], [], []
+    feature_norm = check_feature_norm(getattr(settings, "feature_norm", "none"))
     total_start = time.perf_counter()
     for fold in splits["folds"]:
         k = int(fold["fold"])
         train = [by_id[s] for s in fold["train"] if s in by_id]
         val = [by_id[s] for s in fold.get("val", []) if s in by_id]
         test = [by_id[s] for s in fold["test"] if s in by_id]
+        norm = fit_feature_norm(feature_norm, train)  # the fold's training bags only
+        train, val, test = standardize_bags(norm, train, val, test)
         if train_one is None:
             fold_settings = copy.copy(settings)
             fold_settings.seed = settings.seed + k
@@ -534,6 +546,7 @@ def run_cross_validation(
         histories.append(history)
         if keep_models:
             models.append(model)
+            norms.append(norm)
         if cv_dir is not None:
             fold_dir = cv_dir / f"fold{k}"
             save_checkpoint(
@@ -542,6 +555,7 @@ def run_cross_validation(
                 best_epoch=history["best_epoch"], val_auc=history["best_val_auc"],
                 feature_dim=feature_dim(train),
                 features=dict(getattr(bags, "feature_record", None) or {}, feature_dim=feature_dim(train)),
+                feature_norm=norm.record() if norm is not None else {"kind": "none"},
             )  # fmt: skip  (features: encoder / feature_dim / target_mpp / patch_size, checked at inference)
             write_csv(fold_dir / "history.csv", history["epochs"])
             val_rows = [{"slide_id": b.bag_id, "label": b.label, "prob": float(p), "part": "val"} for b, p in zip(val, val_probs)]
@@ -567,6 +581,7 @@ def run_cross_validation(
         "pooled": pooled,
         "best_fold": best_fold,
         "n_folds_one_class_validation": sum(bool(r["val_one_class"]) for r in fold_rows),
+        "feature_norm": feature_norm,
         "seconds": time.perf_counter() - total_start,
     }
     summary = nan_to_none(summary)
@@ -583,7 +598,7 @@ def run_cross_validation(
             _finite(summary["mean"]["auc"]), _finite(summary["std"]["auc"]), format_ci(pooled["auc"], pooled["auc_ci"]),
             pooled["ci_method"], cv_dir,
         )  # fmt: skip
-    return CVResult(summary, predictions, models, histories)
+    return CVResult(summary, predictions, models, histories, norms)
 
 
 def fold_metadata(train: Sequence[Bag], val: Sequence[Bag], test: Sequence[Bag]) -> dict:
@@ -691,7 +706,7 @@ def train_from_config(
 
 def _hyperparameters(parser) -> dict:
     keys = ("epochs", "val_interval", "batch_size", "optimizer_name", "lr", "weight_decay", "patience", "monitor",
-            "seed", "num_workers", "num_threads", "feature_dim", "distributed")
+            "seed", "num_workers", "num_threads", "feature_dim", "distributed", "feature_norm")
     out = {k: parser.get(k) for k in keys if k in parser}
     out["network_def"] = {k: v for k, v in (parser.get("network_def") or {}).items() if not str(k).startswith("_")}
     out["device"] = str(parser.get_parsed_content("device"))
@@ -716,7 +731,8 @@ def config_cross_validation(
     def train_one(k: int, train: list, val: list):
         return train_from_config(parser, train, val, layout.fold_dir(k), seed + k, run_name=f"fold{k}", bags=bags)
 
-    settings = TrainSettings(batch_size=int(batch_size), seed=seed)
+    settings = TrainSettings(batch_size=int(batch_size), seed=seed,
+                             feature_norm=check_feature_norm(parser.get("feature_norm", "none")))
     return run_cross_validation(None, bags, splits, settings, output_dir=output_dir, n_bootstrap=n_bootstrap,
                                 keep_models=False, train_one=train_one, settings_description=_hyperparameters(parser))
 
@@ -726,12 +742,15 @@ def config_train_all(bags: Sequence[Bag], output_dir: str | Path, parser=None) -
     writes ``<output_dir>/final/model.pt`` (+ ``history.csv``, TensorBoard events)."""
     parser = parser or active_config_parser()
     final = Path(output_dir) / "final"
-    model, history = train_from_config(parser, list(bags), [], final, int(parser.get_parsed_content("seed")),
+    norm = fit_feature_norm(parser.get("feature_norm", "none"), list(bags))
+    (train,) = standardize_bags(norm, list(bags))
+    model, history = train_from_config(parser, train, [], final, int(parser.get_parsed_content("seed")),
                                        run_name="final", bags=bags)
     if is_main_process():
         save_checkpoint(final / "model.pt", model, metadata={"n_train": len(bags), **data_provenance(list(bags), [])},
                         network=history["network"],
-                        threshold=0.5, best_epoch=history["best_epoch"], feature_dim=feature_dim(bags))
+                        threshold=0.5, best_epoch=history["best_epoch"], feature_dim=feature_dim(bags),
+                        feature_norm=norm.record() if norm is not None else {"kind": "none"})
         write_csv(final / "history.csv", history["epochs"])
     return final / "model.pt"
 

@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from scripts.errors import BundleError
+from scripts.feature_norm import fit_feature_norm, standardize_bags
 from scripts.formats.layout import OutputLayout
 from scripts.io_utils import atomic_path, write_csv, write_json
 from scripts.metrics import classification_report, nan_to_none, youden_threshold
@@ -113,6 +114,8 @@ def run_transfer(
                 raise TransferError(f"centre {train_center} has slides of one class only")
             train, val = holdout_split(own, val_fraction, seed)
             row["n_train"], row["n_val"] = len(train), len(val)
+            norm = fit_feature_norm(getattr(settings, "feature_norm", "none"), train)  # the training centre's train bags
+            train, val = standardize_bags(norm, train, val)
             model, history = train_fold(factory, train, val, settings, desc=f"{method} {train_center}")
             val_probs = predict(model, val, settings.eval_batch_size or settings.batch_size) if val else []
             threshold = youden_threshold([b.label for b in val], val_probs) if val else 0.5
@@ -131,7 +134,8 @@ def run_transfer(
                                  make_splits, run_cross_validation, SplitError)  # fmt: skip
             else:
                 test = by_center[test_center]
-                probs = predict(model, test, settings.eval_batch_size or settings.batch_size)
+                (scored,) = standardize_bags(norm, test)
+                probs = predict(model, scored, settings.eval_batch_size or settings.batch_size)
                 others.extend(zip(test, probs))
                 prediction_rows.extend(
                     {"method": method, "train_center": train_center, "test_center": test_center, "slide_id": b.bag_id,

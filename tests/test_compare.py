@@ -206,12 +206,14 @@ def test_compare_json_is_an_overlay_on_train_json(bundle_root):
 
 
 def test_comparison_smile_row_reproduces_the_training_workflow(tmp_path, bundle_root):
-    """Through the overlay the comparison's SMILE is train.json's: same splits, recipe and seeds give the same
-    out-of-fold probabilities as `run training` (docs/compare.md states it)."""
+    """Through the overlay the comparison's SMILE is train.json's: same splits, recipe, seeds and per-fold
+    feature standardisation give the same out-of-fold probabilities as `run training` (docs/compare.md)."""
     datalist, out = make_cohort(tmp_path, n_slides=24, n_patients=16)
     common = ["--datalist", str(datalist), "--output_dir", str(out), "--n_folds", "2", "--epochs", "3", "--batch_size", "4",
               "--lr", "0.001", "--optimizer_name", "adam", "--num_threads", "1", "--n_bootstrap", "20"]  # fmt: skip
-    train = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json", *common]
+    # compare.json standardises features per fold by default; train.json does when asked: the same transform
+    train = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json", *common,
+             "--feature_norm", "standardize"]
     done = subprocess.run(train, cwd=bundle_root, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     bundle_run(bundle_root, *common, "--methods", "['smile']", "--floor", "false", "--paired_bootstrap", "20")
@@ -219,5 +221,8 @@ def test_comparison_smile_row_reproduces_the_training_workflow(tmp_path, bundle_
     compared = {r["slide_id"]: float(r["prob"]) for r in read_csv(out / "compare" / "smile" / "cv" / "oof_predictions.csv")}
     assert len(trained) == 24 and set(compared) == set(trained)
     assert len(set(trained.values())) > 4  # real, varied predictions
+    comparison = json.loads((out / "compare" / "comparison.json").read_text())
+    assert comparison["settings"]["feature_norm"] == "standardize" and comparison["rows"][0]["feature_norm"] == "standardize"
+    assert "standardised per fold" in (out / "compare" / "comparison.md").read_text()
     for slide, prob in trained.items():
         assert compared[slide] == pytest.approx(prob, abs=1e-6), slide
