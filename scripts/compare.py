@@ -34,6 +34,7 @@ One method failing (e.g. out of memory) is reported in the table and does not st
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -97,10 +98,11 @@ def load_bags(
     from tqdm.auto import tqdm
 
     cached = BagList(
-        Bag(b.bag_id, b.label, b.patient_id, b.center, features_path=b.features_path, features=b.load())
+        dataclasses.replace(b, features=b.load())  # file paths kept: fold checkpoints fingerprint them
         for b in tqdm(bags, desc="reading features", unit="slide", leave=False)
     )
     cached.skipped = list(getattr(bags, "skipped", []))
+    cached.feature_record = dict(getattr(bags, "feature_record", None) or {})
     return cached
 
 
