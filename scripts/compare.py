@@ -19,8 +19,10 @@ Every chosen method is trained with :func:`scripts.training.run_cross_validation
 * ``comparison.csv`` / ``comparison.json`` / ``comparison.md``: per method the fold AUC mean and standard
   deviation, the pooled out-of-fold AUC with its 95 % bootstrap interval, accuracy, balanced accuracy,
   F1, sensitivity and specificity (each fold's threshold chosen on its validation split), and for the
-  reference method (SMILE) against each other method the AUC difference with a DeLong p-value and a
-  paired bootstrap p-value and interval that resamples patients (Holm-adjusted DeLong p across methods);
+  reference method (SMILE) against each other method the AUC difference with its headline paired test,
+  a patient-cluster paired bootstrap (``p_patient_bootstrap``, Holm-adjusted across methods in
+  ``p_patient_bootstrap_holm``, with its 95 % interval; :data:`PAIRED_TEST`), and for reference a
+  slide-level DeLong p that assumes independent slides (``p_delong_independent_slides``);
 * ``roc.png``: pooled out-of-fold ROC curves of all methods;
 * with ``annotations`` (slide_id -> QuPath GeoJSON, the datalist's ``annotations`` column): per method
   ``<method>/localisation_summary.json``, ``<method>/localisation_slides.csv`` and
@@ -34,6 +36,7 @@ One method failing (e.g. out of memory) is reported in the table and does not st
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -57,6 +60,12 @@ DEFAULT_METHODS = (
     "mean_pool", "max_pool",
 )  # fmt: skip
 CACHE_LIMIT_BYTES = 2 * 1024**3
+PAIRED_TEST = (
+    "patient-cluster paired bootstrap of the pooled out-of-fold AUC difference (per-slide AUC; patients resampled "
+    "with replacement with all their slides, both methods' scores together; two-sided p from the bootstrap "
+    "distribution; Holm-adjusted across the compared methods)"
+)
+DELONG_NOTE = "slide-level DeLong: assumes independent slides (too small p when a patient has several slides)"
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -97,10 +106,11 @@ def load_bags(
     from tqdm.auto import tqdm
 
     cached = BagList(
-        Bag(b.bag_id, b.label, b.patient_id, b.center, features_path=b.features_path, features=b.load())
+        dataclasses.replace(b, features=b.load())  # file paths kept: fold checkpoints fingerprint them
         for b in tqdm(bags, desc="reading features", unit="slide", leave=False)
     )
     cached.skipped = list(getattr(bags, "skipped", []))
+    cached.feature_record = dict(getattr(bags, "feature_record", None) or {})
     return cached
 
 
@@ -157,6 +167,7 @@ def compare_methods(
     method_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     n_bootstrap: int = 2000,
     paired_bootstrap: int = 2000,
+    paired_seed: int = 0,
     keep_fold_models: bool = True,
     floor: bool = True,
     annotations: Mapping[str, str | Path] | None = None,
@@ -166,6 +177,8 @@ def compare_methods(
 
     ``floor``: also score the pooled logistic-regression floor (:mod:`scripts.pooled_baseline`, mean +
     max pooled instance features) on the same folds; it gets a row and a paired test like every method.
+    ``paired_bootstrap`` / ``paired_seed``: resamples (default 2000) and seed of the headline paired test
+    (:func:`paired_tests`).
 
     Returns the comparison dict (also ``comparison.json``): ``rows`` (one per method), ``paired``
     (reference vs each method) and the cohort / settings description.
@@ -242,7 +255,8 @@ def compare_methods(
         _add_floor(bags, splits, n_bootstrap, results, rows, out_dir)
 
     oof = merge_predictions({m: r.predictions for m, r in results.items()})
-    paired = paired_tests(oof, reference, [m for m in [*methods, FLOOR_NAME] if m in results], n_bootstrap=paired_bootstrap)
+    paired = paired_tests(oof, reference, [m for m in [*methods, FLOOR_NAME] if m in results],
+                          n_bootstrap=paired_bootstrap, seed=paired_seed)
     for row in rows:
         test = paired.get(row["method"])
         if test:
@@ -254,6 +268,9 @@ def compare_methods(
         "settings": settings.describe(),
         "method_kwargs": method_kwargs,
         "rows": rows,
+        "paired_test": {"headline_p": "p_patient_bootstrap_holm", "test": PAIRED_TEST,
+                        "resamples": int(paired_bootstrap), "seed": int(paired_seed),
+                        "p_delong_independent_slides": DELONG_NOTE},
         "paired": paired,
     }
     comparison = nan_to_none(comparison)
@@ -370,8 +387,17 @@ def merge_predictions(predictions: Mapping[str, Sequence[dict]]) -> list[dict]:
 
 
 def paired_tests(oof: Sequence[dict], reference: str, methods: Sequence[str], n_bootstrap: int = 2000, seed: int = 0) -> dict:
-    """Reference vs each other method on the pooled out-of-fold predictions: DeLong and a paired
-    bootstrap resampling patients; DeLong p-values also Holm-adjusted over the comparisons."""
+    """Reference vs each other method on the pooled out-of-fold predictions.
+
+    Headline: ``p_patient_bootstrap`` (:data:`PAIRED_TEST`: :func:`scripts.metrics.paired.paired_bootstrap_auc`
+    with the patients as clusters, ``n_bootstrap`` resamples, ``seed``) and its Holm adjustment over the
+    comparisons, ``p_patient_bootstrap_holm``, which is the value to read when several methods are
+    compared; ``auc_difference`` and its interval ``patient_bootstrap_ci_low/high``. The AUC is per slide
+    (each slide's out-of-fold probability is one unit); the patients are only the resampling clusters.
+    ``p_delong_independent_slides`` (with its Wald interval) is DeLong's test, which treats slides as
+    independent: with several slides per patient its p is too small (tests/test_paired_stats.py measures
+    how much); it is kept for comparison with papers that report it, never as the result.
+    """
     if not oof or reference not in methods:
         return {}
     labels = np.array([int(r["label"]) for r in oof])
@@ -383,26 +409,27 @@ def paired_tests(oof: Sequence[dict], reference: str, methods: Sequence[str], n_
             continue
         other = np.array([r[f"prob_{m}"] for r in oof])
         try:
-            d = delong_test(labels, ref, other)
             b = paired_bootstrap_auc(labels, ref, other, groups=groups, n_bootstrap=n_bootstrap, seed=seed)
+            d = delong_test(labels, ref, other)
         except ValueError as error:
             logger.warning("paired test %s vs %s not possible: %s", reference, m, error)
             continue
         out[m] = {
             "method": m,
-            "auc_difference": d.difference,
-            "delong_p": d.p_value,
-            "delong_ci_low": d.ci_low,
-            "delong_ci_high": d.ci_high,
-            "bootstrap_p": b.p_value,
-            "bootstrap_ci_low": b.ci_low,
-            "bootstrap_ci_high": b.ci_high,
-            "bootstrap_resamples": b.n_bootstrap,
-            "bootstrap_patients": b.n_groups,
+            "auc_difference": b.difference,
+            "p_patient_bootstrap": b.p_value,
+            "patient_bootstrap_ci_low": b.ci_low,
+            "patient_bootstrap_ci_high": b.ci_high,
+            "patient_bootstrap_resamples": b.n_bootstrap,
+            "patient_bootstrap_patients": b.n_groups,
+            "patient_bootstrap_seed": int(seed),
+            "p_delong_independent_slides": d.p_value,
+            "delong_independent_slides_ci_low": d.ci_low,
+            "delong_independent_slides_ci_high": d.ci_high,
         }
-    adjusted = holm([v["delong_p"] for v in out.values()])
+    adjusted = holm([v["p_patient_bootstrap"] for v in out.values()])
     for value, p in zip(out.values(), adjusted):
-        value["delong_p_holm"] = p
+        value["p_patient_bootstrap_holm"] = p
     return out
 
 
@@ -468,7 +495,8 @@ def comparison_markdown(comparison: dict) -> str:
         + ("standardised per fold (mean/std of the fold's training instances)" if settings.get("feature_norm") == "standardize"
            else "not standardised (feature_norm none)") + ".",
         "",
-        f"| method | params | fold AUC mean ± std | pooled AUC [95% CI] | accuracy | F1 | ΔAUC {ref} − method | DeLong p | bootstrap p (patients) |",
+        f"| method | params | fold AUC mean ± std | pooled AUC [95% CI] | accuracy | F1 | ΔAUC {ref} − method [95% CI] | "
+        "p, patient bootstrap (Holm) | p, DeLong (assumes independent slides) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in comparison["rows"]:
@@ -479,15 +507,18 @@ def comparison_markdown(comparison: dict) -> str:
         if row["method"] == ref:
             diff = delong = boot = "(reference)"
         elif test:
-            diff = f"{test['auc_difference']:+.3f} [{_fmt(test['bootstrap_ci_low'])}, {_fmt(test['bootstrap_ci_high'])}]"
-            delong = _fmt_p(test["delong_p"]) + (f" (Holm {_fmt_p(test['delong_p_holm'])})" if len(comparison["paired"]) > 1 else "")
-            boot = _fmt_p(test["bootstrap_p"])
+            diff = (f"{test['auc_difference']:+.3f} [{_fmt(test['patient_bootstrap_ci_low'])}, "
+                    f"{_fmt(test['patient_bootstrap_ci_high'])}]")
+            boot = _fmt_p(test["p_patient_bootstrap"])
+            if len(comparison["paired"]) > 1:
+                boot = f"{boot} (Holm {_fmt_p(test['p_patient_bootstrap_holm'])})"
+            delong = _fmt_p(test["p_delong_independent_slides"])
         else:
             diff = delong = boot = "n/a"
         lines.append(
             f"| {row['method']} | {row['params']:,} | {_fmt(row['auc_mean'])} ± {_fmt(row['auc_std'])} | "
             f"{_fmt(row['pooled_auc'])} [{_fmt(row['pooled_auc_ci_low'])}, {_fmt(row['pooled_auc_ci_high'])}] | "
-            f"{_fmt(row['accuracy'])} | {_fmt(row['f1'])} | {diff} | {delong} | {boot} |"
+            f"{_fmt(row['accuracy'])} | {_fmt(row['f1'])} | {diff} | {boot} | {delong} |"
         )
     loc_rows = [r for r in comparison["rows"] if r.get("status") == "ok" and "localisation_slides" in r]
     if any(r["localisation_slides"] for r in loc_rows):
@@ -513,14 +544,23 @@ def comparison_markdown(comparison: dict) -> str:
         + _ci_methods(comparison["rows"]) + " (patients carry all their slides; positive and negative",
         "patients are resampled separately).",
         "Accuracy and F1 use each fold's threshold chosen on that fold's validation split (Youden).",
-        f"ΔAUC is the pooled AUC of {ref} minus the method's, with a 95% paired-bootstrap interval that resamples",
-        "patients; DeLong and bootstrap p-values test 'no difference' (two-sided). Holm adjusts DeLong p for",
-        "comparing against several methods. A large p on a small cohort means 'not shown', not 'equal'.",
+        f"ΔAUC is the pooled AUC of {ref} minus the method's (a per-slide AUC), with the 95% interval of a paired",
+        "bootstrap that resamples patients with all their slides. The p to read is the patient bootstrap's",
+        f"(two-sided, 'no difference'; {_resamples(comparison)}), Holm-adjusted when several methods are compared.",
+        "The DeLong p treats slides as independent: with several slides per patient it is too small; it is shown",
+        "only beside papers that report it. A large p on a small cohort means 'not shown', not 'equal'.",
         f"{FLOOR_NAME} is the floor: {FLOOR_DESCRIPTION}, fitted on each fold's training slides",
         "(threshold on its validation slides): a MIL method close to it adds little over pooling.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _resamples(comparison: dict) -> str:
+    test = comparison.get("paired_test") or {}
+    if "resamples" not in test:
+        return "resamples as in comparison.json"
+    return f"{test['resamples']} resamples, seed {test['seed']}"
 
 
 def _ci_methods(rows) -> str:
@@ -538,5 +578,5 @@ def _describe_optimizer(value) -> str:
 __all__ = [
     "DEFAULT_METHODS", "load_bags", "with_overrides", "resolve_methods", "compare_methods", "merge_predictions",
     "out_of_fold_localisation", "localisation_columns",
-    "paired_tests", "holm", "comparison_markdown",
+    "paired_tests", "holm", "comparison_markdown", "PAIRED_TEST", "DELONG_NOTE",
 ]  # fmt: skip

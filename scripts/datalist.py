@@ -19,6 +19,10 @@ needs only ``slide_id`` and ``path`` or ``features``: a datalist of new slides i
                 then report how well the attention localises them (``scripts.metrics.localisation``)
 
 Every problem in a datalist is found before any heavy work starts and reported in one error.
+With ``check_duplicates`` (every cohort that is split or scored: :func:`scripts.mil_data.bags_from_datalist`),
+two rows whose slide files or feature files have the same content (:mod:`scripts.formats.fingerprint`;
+the same path twice, or a copy under another name) are one of those problems: the same slide on two rows
+could land in the training and the test part of a fold.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scripts.errors import BundleError
+from scripts.formats.fingerprint import describe_duplicates, duplicate_contents
 
 REQUIRED_COLUMNS = ("slide_id", "path", "label", "patient_id", "center")
 OPTIONAL_COLUMNS = ("mpp", "features", "annotations")
@@ -71,6 +76,7 @@ def load_datalist(
     require_labels: bool = True,
     check_files: bool = True,
     require_slides: bool = True,
+    check_duplicates: bool = False,
 ) -> list[SlideRecord]:
     """Read and validate a datalist CSV.
 
@@ -79,6 +85,9 @@ def load_datalist(
         require_labels: training and evaluation need a 0/1 label on every row; inference does not.
         check_files: check that every referenced file exists.
         require_slides: every row needs a slide ``path`` (False when rows may name ``features`` only).
+        check_duplicates: two rows whose slide files (or feature files) have the same content are a
+            problem naming both rows (files that exist are compared; see :mod:`scripts.formats.fingerprint`).
+            Off for preprocessing and extraction, which may list one slide twice on purpose.
 
     Raises:
         DatalistError: naming the file, each bad row and the fix, all problems at once.
@@ -174,6 +183,9 @@ def load_datalist(
         records.append(SlideRecord(slide_id, slide_path, label, patient_id, center, mpp, features_path, extra,
                                    annotations=annotations_path))
 
+    if check_duplicates:
+        problems.extend(duplicate_row_problems(records, [line for line, _ in enumerate(rows, start=2)]))
+
     for patient_id, centers in sorted(centers_of_patient.items()):
         if len(centers) > 1:
             problems.append(f"patient {patient_id!r} appears in several centres ({', '.join(sorted(centers))}); one patient belongs to one centre")
@@ -182,6 +194,15 @@ def load_datalist(
         listed = "\n  - ".join(problems)
         raise DatalistError(f"datalist {csv_path} has {len(problems)} problem(s):\n  - {listed}")
     return records
+
+
+def duplicate_row_problems(records: list[SlideRecord], lines: list[int]) -> list[str]:
+    """One problem per group of rows whose slide files, or feature files, have the same content."""
+    problems = []
+    for what, attribute in (("slide file", "path"), ("feature file", "features")):
+        entries = [(f"line {line} (slide {r.slide_id!r})", getattr(r, attribute)) for r, line in zip(records, lines)]
+        problems.extend(describe_duplicates(group, what) for group in duplicate_contents(entries))
+    return problems
 
 
 def annotation_paths(csv_path: str | Path) -> dict[str, Path]:

@@ -5,9 +5,11 @@ each fold model's probability), ``summary.json`` (AUC with a 95% patient-level s
 at 0.5 and at the ensemble threshold (``ENSEMBLE_THRESHOLD_RULE``: chosen on the folds' validation data only), and the same per fold model) and ``roc.png``.
 Slides without a label are predicted but left out of the metrics.
 
-The cohort must be held out: every fold checkpoint records the patients it was trained and validated
-on, and a cohort sharing a patient with any of them is refused (:class:`OverlapError`; scoring those
-slides would be an in-sample result, e.g. AUC 1.000 on pure-noise labels). ``allow_overlap=True``
+The cohort must be held out: every fold checkpoint records the patients and slides it was trained and
+validated on (slide ids and the content fingerprints of their slide and feature files), and a cohort
+sharing a patient with any of them, or holding one of those slides under any slide or patient id, is
+refused (:class:`OverlapError`, :mod:`scripts.heldout`; scoring those slides would be an in-sample
+result, e.g. AUC 1.000 on pure-noise labels). ``allow_overlap=True``
 (``--allow_overlap true``) scores it anyway and stamps ``"overlap"`` with ``"in_sample": true`` into
 ``summary.json``. There is no default cohort in ``configs/evaluate.json``: give ``--datalist``.
 When slides have annotations (``annotations``: slide_id -> QuPath GeoJSON, from the datalist's
@@ -71,8 +73,8 @@ def evaluate_cohort(
 ) -> dict:
     """Predict ``bags`` with every fold model of ``models_dir``, average, compute metrics, write files.
 
-    Refuses (:class:`OverlapError`) a cohort sharing patients with any fold model's training or
-    validation data unless ``allow_overlap``.
+    Refuses (:class:`OverlapError`) a cohort sharing patients or slides (by id or file content) with any
+    fold model's training or validation data unless ``allow_overlap``.
     """
     out_dir = OutputLayout(output_dir).evaluation_dir
     ensemble = FoldEnsemble(find_fold_models(models_dir), device=device).load()

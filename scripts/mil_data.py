@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from scripts.datalist import load_datalist
+from scripts.datalist import DatalistError, load_datalist
+from scripts.formats.fingerprint import describe_duplicates, duplicate_contents
 from scripts.formats.feature_file import (  # noqa: F401 - the one home of feature files; re-exported here
     FEATURE_SUFFIXES, FeatureFileError, FeatureMismatchError, cohort_record, feature_info, feature_shape,
     find_feature_file, load_features, patch_geometry,
@@ -35,7 +36,8 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, eq=False)
 class Bag:
     """One bag: ``features_path`` (read lazily) or ``features`` (in memory), a 0/1 label (None when
-    unknown), the patient (cross-validation never splits one) and the centre."""
+    unknown), the patient (cross-validation never splits one) and the centre. ``slide_path``: the slide
+    file the features came from, when the datalist names one (fingerprinted into fold checkpoints)."""
 
     bag_id: str
     label: int | None
@@ -43,6 +45,7 @@ class Bag:
     center: str = ""
     features_path: Path | None = None
     features: torch.Tensor | None = None
+    slide_path: Path | None = None
 
     def load(self) -> torch.Tensor:
         if self.features is not None:
@@ -83,8 +86,12 @@ def bags_from_datalist(
     (failed extraction) are reported in one warning and skipped; if none is left, the error says where the
     files were looked for. A cohort that mixes feature sizes, encoders or patch scales is refused.
     The returned list's ``feature_record`` (encoder, feature_dim, target_mpp) goes into each fold checkpoint.
+    Two rows whose slide files or feature files (found either way) have the same content are refused
+    (:class:`scripts.datalist.DatalistError` naming both rows).
     """
-    records = load_datalist(datalist, require_labels=require_labels, check_files=False, require_slides=False)
+    records = load_datalist(datalist, require_labels=require_labels, check_files=False, require_slides=False,
+                            check_duplicates=True)
+    lines = {record.slide_id: line for line, record in enumerate(records, start=2)}
     features_dir = None if features_dir in (None, "") else Path(features_dir)
     bags: list[Bag] = []
     skipped: list[str] = []
@@ -118,7 +125,12 @@ def bags_from_datalist(
                 geometry = None
         described.append((record.slide_id, info, geometry))
         dims.setdefault(d, record.slide_id)
-        bags.append(Bag(record.slide_id, record.label, record.patient_id, record.center, features_path=path))
+        bags.append(Bag(record.slide_id, record.label, record.patient_id, record.center, features_path=path,
+                        slide_path=record.path))
+    duplicates = duplicate_contents((f"line {lines[b.bag_id]} (slide {b.bag_id!r})", b.features_path) for b in bags)
+    if duplicates:  # feature files found under features_dir (the datalist's own columns were checked already)
+        listed = "\n  - ".join(describe_duplicates(group, "feature file") for group in duplicates)
+        raise DatalistError(f"datalist {datalist} has {len(duplicates)} problem(s):\n  - {listed}")
     if len(dims) > 1:
         listed = ", ".join(f"{d} (e.g. {s})" for d, s in dims.items())
         raise FeatureFileError(f"datalist {datalist}: feature files disagree on the feature size: {listed}; use one encoder")

@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from scripts.formats.checkpoints import build_from_checkpoint, copy_checkpoint, network_spec, save_checkpoint
+from scripts.formats.fingerprint import FINGERPRINT_METHOD, file_fingerprint
 from scripts.formats.layout import OutputLayout
 from scripts.io_utils import write_csv, write_json
 from scripts.metrics import classification_report, format_ci, nan_to_none, plot_roc, youden_threshold
@@ -756,13 +757,26 @@ def config_train_all(bags: Sequence[Bag], output_dir: str | Path, parser=None) -
 
 
 def data_provenance(train: Sequence[Bag], val: Sequence[Bag]) -> dict:
-    """The slide and patient ids a fold model was trained and validated on (``scripts.heldout`` checks
-    cohorts against them; ``scripts.evaluate`` refuses cohorts that share patients)."""
+    """The slides and patients a fold model was trained and validated on (``scripts.heldout`` checks
+    cohorts against them; ``scripts.evaluate`` refuses cohorts that share patients or slides).
+
+    ``training_slides`` holds, per training and validation slide, its id, patient, part and the content
+    fingerprints of its slide file and feature file (:func:`scripts.formats.fingerprint.file_fingerprint`;
+    None for a bag without that file, e.g. features held in memory), so that a training slide listed
+    again under a new slide and patient id, or copied under another name, is still recognised.
+    """
     return {
         "train_slide_ids": [b.bag_id for b in train],
         "val_slide_ids": [b.bag_id for b in val],
         "train_patient_ids": sorted({str(b.patient_id) for b in train}),
         "val_patient_ids": sorted({str(b.patient_id) for b in val}),
+        "fingerprint_method": FINGERPRINT_METHOD,
+        "training_slides": [
+            {"slide_id": b.bag_id, "patient_id": str(b.patient_id), "part": part,
+             "slide_fingerprint": file_fingerprint(getattr(b, "slide_path", None)),
+             "features_fingerprint": file_fingerprint(b.features_path)}
+            for part, bags in (("train", train), ("val", val)) for b in bags
+        ],  # fmt: skip
     }
 
 

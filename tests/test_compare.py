@@ -77,9 +77,11 @@ def test_compare_ablation_transfer_bundle(tmp_path, bundle_root):
     assert len(set(pooled)) > 1, pooled
     assert float(rows["smile"]["pooled_auc"]) > 0.75, rows["smile"]  # the sparse signal is learnt
     for method in ("abmil_gated", "mean_pool", "pooled_logreg"):
-        for key in ("vs_smile_delong_p", "vs_smile_bootstrap_p", "vs_smile_delong_p_holm"):
+        for key in ("vs_smile_p_patient_bootstrap", "vs_smile_p_patient_bootstrap_holm", "vs_smile_p_delong_independent_slides"):
             assert 0.0 <= float(rows[method][key]) <= 1.0, (method, key, rows[method][key])
-    assert rows["smile"]["vs_smile_delong_p"] == ""  # no test of the reference against itself
+        assert float(rows[method]["vs_smile_p_patient_bootstrap_holm"]) >= float(rows[method]["vs_smile_p_patient_bootstrap"])
+        assert int(rows[method]["vs_smile_patient_bootstrap_patients"]) == 20
+    assert rows["smile"]["vs_smile_p_patient_bootstrap"] == ""  # no test of the reference against itself
     for r in rows.values():
         assert 0.0 <= float(r["accuracy"]) <= 1.0 and float(r["auc_std"]) >= 0.0
     oof = read_csv(cmp_dir / "oof_predictions.csv")
@@ -93,11 +95,14 @@ def test_compare_ablation_transfer_bundle(tmp_path, bundle_root):
         assert (cmp_dir / method / "cv" / "oof_predictions.csv").is_file()
         assert (cmp_dir / method / "cv" / "fold0" / "model.pt").is_file()
     markdown = (cmp_dir / "comparison.md").read_text()
-    assert "| smile |" in markdown and "DeLong p" in markdown and "(reference)" in markdown
+    assert "| smile |" in markdown and "(reference)" in markdown
+    assert "p, patient bootstrap (Holm)" in markdown and "p, DeLong (assumes independent slides)" in markdown
+    assert "300 resamples, seed 0" in markdown
     assert "| pooled_logreg |" in markdown and "patient bootstrap (stratified, 100)" in markdown
     assert (cmp_dir / "roc.png").stat().st_size > 1000
     result = json.loads((cmp_dir / "comparison.json").read_text())
     assert set(result["paired"]) == {"abmil_gated", "mean_pool", "pooled_logreg"}
+    assert result["paired_test"]["headline_p"] == "p_patient_bootstrap_holm" and result["paired_test"]["resamples"] == 300
     # ablation: 2 x 2 grid, same splits; SMILE at threshold 0.5 / factor 0.3 is another cell than the comparison's 0.5 / 0.5
     grid = read_csv(out / "ablation" / "ablation.csv")
     assert [(float(r["threshold"]), float(r["factor"])) for r in grid] == [(0.5, 0.3), (0.5, 0.8), (0.7, 0.3), (0.7, 0.8)]
@@ -131,7 +136,8 @@ def test_every_method_on_musk1(tmp_path, bundle_root, shared_mil):
         assert row["status"] == "ok", row
         assert int(row["n_slides"]) == 92 and 0.0 <= float(row["pooled_auc"]) <= 1.0
         if name != "smile":
-            assert 0.0 <= float(row["vs_smile_delong_p"]) <= 1.0 and 0.0 <= float(row["vs_smile_bootstrap_p"]) <= 1.0
+            assert 0.0 <= float(row["vs_smile_p_delong_independent_slides"]) <= 1.0
+            assert 0.0 <= float(row["vs_smile_p_patient_bootstrap"]) <= 1.0
     oof = read_csv(out / "compare" / "oof_predictions.csv")
     assert len(oof) == 92
     for name in rows:
@@ -176,9 +182,14 @@ def test_paired_tests_and_holm():
     other = [{**r, "prob": float(p)} for r, p in zip(rows, noise)]
     oof = merge_predictions({"smile": rows, "noise": other, "same": rows})
     tests = paired_tests(oof, "smile", ["smile", "noise", "same"], n_bootstrap=300)
-    assert tests["noise"]["auc_difference"] > 0.2 and tests["noise"]["delong_p"] < 0.01 and tests["noise"]["bootstrap_p"] < 0.05
-    assert tests["same"]["delong_p"] == 1.0 and tests["same"]["bootstrap_p"] == 1.0
-    assert tests["noise"]["bootstrap_patients"] == 40
+    noise, same = tests["noise"], tests["same"]
+    assert noise["auc_difference"] > 0.2 and noise["p_delong_independent_slides"] < 0.01 and noise["p_patient_bootstrap"] < 0.05
+    assert same["p_delong_independent_slides"] == 1.0 and same["p_patient_bootstrap"] == 1.0
+    assert noise["patient_bootstrap_patients"] == 40 and noise["patient_bootstrap_resamples"] == 300
+    # Holm over the headline (patient bootstrap) p-values of the two comparisons
+    assert [noise["p_patient_bootstrap_holm"], same["p_patient_bootstrap_holm"]] == pytest.approx(
+        holm([noise["p_patient_bootstrap"], same["p_patient_bootstrap"]]))
+    assert paired_tests(oof, "smile", ["smile", "noise"], n_bootstrap=300, seed=1)["noise"]["patient_bootstrap_seed"] == 1
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
 
 

@@ -109,3 +109,52 @@ def test_bad_inputs_raise_clear_errors():
         paired_bootstrap_auc([0, 1, 1], [0.1, np.nan, 0.3], [0.3, 0.2, 0.1])
     with pytest.raises(ValueError, match="0/1"):
         delong_test([0, 2, 1], [0.1, 0.2, 0.3], [0.3, 0.2, 0.1])
+
+
+def test_weighted_aucs_equal_sklearn_with_sample_weights():
+    from scripts.metrics.paired import weighted_aucs
+
+    y, _, b = _synthetic(n=150, seed=6)  # b is rounded: ties
+    rng = np.random.default_rng(0)
+    weights = rng.multinomial(150, np.full(150, 1 / 150), size=20).astype(float)
+    got = weighted_aucs(y, b, weights)
+    expected = [roc_auc_score(y[w > 0], b[w > 0], sample_weight=w[w > 0]) for w in weights]
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+    repeated = np.repeat(np.arange(150), weights[0].astype(int))  # a weight is a slide drawn that many times
+    assert got[0] == pytest.approx(roc_auc_score(y[repeated], b[repeated]), abs=1e-12)
+
+
+def _clustered_cohort(rng, n_patients=40, slides=3, rho=0.9, effect_a=1.0):
+    """Slides of a patient share the label and, per method, most of the score error (correlation rho)."""
+    y = np.repeat((rng.random(n_patients) < 0.5).astype(int), slides)
+    groups = np.repeat(np.arange(n_patients), slides)
+
+    def error():
+        return np.sqrt(rho) * np.repeat(rng.normal(size=n_patients), slides) + np.sqrt(1 - rho) * rng.normal(size=len(y))
+
+    return y, effect_a * y + error(), y + error(), groups
+
+
+def test_patient_bootstrap_keeps_its_level_where_slide_delong_does_not():
+    """Null: both methods have the same expected AUC; 3 slides per patient with strongly correlated errors.
+    DeLong counts 120 independent slides and rejects far too often; the patient bootstrap stays near 0.05."""
+    rng = np.random.default_rng(11)
+    n_sim, boot, delong = 200, 0, 0
+    for i in range(n_sim):
+        y, a, b, groups = _clustered_cohort(rng)
+        boot += paired_bootstrap_auc(y, a, b, groups=groups, n_bootstrap=500, seed=i).p_value < 0.05
+        delong += delong_test(y, a, b).p_value < 0.05
+    assert boot / n_sim <= 0.09, boot / n_sim
+    assert delong / n_sim >= 0.12 and delong > 2 * boot, (delong / n_sim, boot / n_sim)
+    # still a test: a clearly better method is found
+    power = sum(paired_bootstrap_auc(*_clustered_cohort(rng, effect_a=3.0)[:3], groups=np.repeat(np.arange(40), 3),
+                                     n_bootstrap=500, seed=i).p_value < 0.05 for i in range(40))
+    assert power >= 32, power
+
+
+def test_patient_bootstrap_is_seeded():
+    y, a, b, groups = _clustered_cohort(np.random.default_rng(3))
+    first, again = (paired_bootstrap_auc(y, a, b, groups=groups, n_bootstrap=300, seed=5) for _ in range(2))
+    other = paired_bootstrap_auc(y, a, b, groups=groups, n_bootstrap=300, seed=6)
+    assert first == again and (first.ci_low, first.ci_high) != (other.ci_low, other.ci_high)
+    assert first.n_groups == 40 and first.n_bootstrap == 300

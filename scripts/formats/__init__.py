@@ -4,6 +4,7 @@
 - ``feature_file``: feature files (bundle h5, CLAM ``h5_files``/``pt_files``, TRIDENT ``features_<enc>``).
 - ``layout``: :class:`OutputLayout`, every path of an output folder.
 - ``checkpoints``: fold checkpoints and published models, saved and loaded safely.
+- ``fingerprint``: content fingerprints of slide and feature files (held-out and duplicate checks).
 
 Nothing outside this package opens these files.
 """

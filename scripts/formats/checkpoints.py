@@ -8,7 +8,8 @@ File formats (both plain ``torch.save`` dicts that ``torch.load(..., weights_onl
       {"model": state_dict of the MIL network,
        "network": {"name": registered MIL name, "class": "module.Class", "kwargs": {...}},
        "format": "smile-fold-checkpoint", "format_version": 1,
-       "metadata": {...free-form: encoder name/dim, train/val slide ids, ...},
+       "metadata": {...free-form: train/val slide and patient ids, per-slide file fingerprints
+                    ("training_slides", "fingerprint_method": scripts.training.data_provenance), ...},
        ...top-level numbers/strings: fold, threshold, best_epoch, val_auc, feature_dim}
 
   It is also what MONAI's ``CheckpointLoader(load_dict={"model": net})`` reads.

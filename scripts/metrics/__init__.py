@@ -1,5 +1,6 @@
 """Evaluation metrics: classification metrics with bootstrap intervals (``classification``) and paired
-comparisons of two methods on the same slides (``paired``: DeLong, paired bootstrap)."""
+comparisons of two methods on the same slides (``paired``: patient-cluster paired bootstrap, the headline
+test; DeLong, which assumes independent slides)."""
 
 from scripts.metrics.classification import (
     auc,

@@ -1,11 +1,19 @@
 """Paired comparison of two classifiers' ROC AUCs on the same slides.
 
+* :func:`paired_bootstrap_auc` — paired bootstrap of the AUC difference. With ``groups`` (patient ids)
+  patients are resampled with replacement, each with all its slides, and both methods' scores of a
+  drawn slide stay together: the comparison's headline test (``scripts.compare``), because slides of one
+  patient are correlated and must not count as independent evidence. The AUC itself stays per slide
+  (every slide is one unit of the ranking); the patients are the resampling clusters only. Two-sided p
+  from the bootstrap distribution of the difference; seeded; 2000 resamples by default; vectorised
+  over the resamples (:func:`weighted_aucs`). Without ``groups`` every slide is its own cluster.
 * :func:`delong_test` — DeLong, DeLong & Clarke-Pearson (1988) test for two correlated AUCs, computed with
   the fast O(n log n) algorithm of Sun & Xu (2014, IEEE Signal Processing Letters 21:1389): the
-  structural components come from mid-ranks instead of the O(m n) pairwise kernel.
-* :func:`paired_bootstrap_auc` — paired bootstrap of the AUC difference: slides are resampled with
-  replacement (both methods see the same resample); when ``groups`` (patient ids) are given, patients are
-  resampled and carry all their slides, which respects the correlation between slides of one patient.
+  structural components come from mid-ranks instead of the O(m n) pairwise kernel. It **assumes
+  independent slides**: with several correlated slides per patient its p-values are too small (on the
+  synthetic null of tests/test_paired_stats.py, 40 patients with 3 strongly correlated slides each, it
+  rejects 21.5 % of 200 cohorts at alpha 0.05, the patient bootstrap 3.5 %). Valid for one slide per
+  patient.
 
 Both return a :class:`PairedComparison` with the difference ``auc_a - auc_b``, a 95 % confidence
 interval and a two-sided p-value. CLI: ``python -m scripts.metrics.paired <csv> --label label
@@ -126,13 +134,44 @@ def _fast_auc(y: np.ndarray, s: np.ndarray) -> float:
     return (r[y].sum() - m * (m + 1) / 2.0) / (m * n)
 
 
+BOOTSTRAP_CHUNK = 256  # resamples computed together (bounds memory: a few (chunk, n_slides) arrays)
+
+
+def weighted_aucs(labels, scores, weights) -> np.ndarray:
+    """Mann-Whitney AUC of ``scores`` (n,) under each row of ``weights`` (B, n): slide multiplicities of
+    B bootstrap resamples (a slide drawn k times counts k times; ties count 1/2). Vectorised over the
+    resamples: (B,) AUCs, NaN for a row without positive or without negative weight."""
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    uniq, inverse = np.unique(s, return_inverse=True)
+    w_neg, w_pos = w[:, ~y], w[:, y]
+    neg_values = inverse[~y]
+    order = np.argsort(neg_values, kind="stable")
+    sorted_values = neg_values[order]
+    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
+    per_value = np.zeros((w.shape[0], len(uniq)))  # negative weight at each distinct score
+    per_value[:, sorted_values[starts]] = np.add.reduceat(w_neg[:, order], starts, axis=1)
+    below = np.cumsum(per_value, axis=1) - per_value  # negative weight strictly below each distinct score
+    pos_values = inverse[y]
+    wins = below[:, pos_values] + 0.5 * per_value[:, pos_values]  # (B, n_pos)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (w_pos * wins).sum(1) / (w_pos.sum(1) * w_neg.sum(1))
+
+
 def paired_bootstrap_auc(labels, score_a, score_b, groups=None, n_bootstrap: int = 2000, seed: int = 0,
                          alpha: float = 0.05) -> PairedComparison:
-    """Paired bootstrap of AUC(a) - AUC(b).
+    """Paired bootstrap of AUC(a) - AUC(b), the comparison's headline test when ``groups`` are patients.
 
-    Resamples slides (or, with ``groups``, patients with all their slides) with replacement; resamples
-    with only one class are redrawn. CI: percentile interval. p-value (two-sided):
-    ``2 * min(P*(d <= 0), P*(d >= 0))`` over the resamples, with a +1 correction, capped at 1.
+    Each resample draws the clusters (``groups``: patients, each carrying all its slides; without
+    ``groups`` every slide is its own cluster) with replacement, and both methods' scores of a drawn
+    slide go into that resample together (paired). The AUC stays a per-slide AUC (every slide is one
+    unit of the ranking); only the resampling is by patient, so slides of one patient, whose scores are
+    correlated, are never treated as independent. Resamples without both classes are redrawn. CI:
+    percentile interval. p-value (two-sided) from the bootstrap distribution of the difference:
+    ``2 * min(P*(d <= 0), P*(d >= 0))`` with a +1 correction, capped at 1. Seeded (``seed``): the same
+    inputs give the same p. Vectorised (:func:`weighted_aucs`): 2000 resamples of a few hundred slides
+    take well under a second.
     """
     y, (a, b) = _check_inputs(labels, score_a, score_b)
     rng = np.random.default_rng(seed)
@@ -141,42 +180,42 @@ def paired_bootstrap_auc(labels, score_a, score_b, groups=None, n_bootstrap: int
         g = np.asarray(groups)
         if g.shape != y.shape:
             raise ValueError(f"groups have shape {g.shape} but labels have {y.shape}; give one patient id per slide")
-        uniq, inverse = np.unique(g, return_inverse=True)
-        members = [np.flatnonzero(inverse == i) for i in range(len(uniq))]
-        n_groups = len(uniq)
+        _, inverse = np.unique(g, return_inverse=True)
+        n_groups = int(inverse.max()) + 1
         if n_groups < 2:
             raise ValueError("a patient-level bootstrap needs at least 2 patients")
     else:
-        members, n_groups = None, 0
-    diffs = []
-    attempts = 0
-    while len(diffs) < n_bootstrap:
-        attempts += 1
-        if attempts > 20 * n_bootstrap:
+        inverse, n_groups = np.arange(n), n
+    chunks, kept, drawn = [], 0, 0
+    uniform = np.full(n_groups, 1.0 / n_groups)
+    while kept < n_bootstrap:
+        if drawn > 20 * n_bootstrap:
             raise ValueError("could not draw resamples holding both classes; too few positive or negative slides")
-        if members is None:
-            idx = rng.integers(0, n, n)
-        else:
-            idx = np.concatenate([members[i] for i in rng.integers(0, n_groups, n_groups)])
-        yb = y[idx]
-        if yb.all() or not yb.any():
-            continue
-        diffs.append(_fast_auc(yb, a[idx]) - _fast_auc(yb, b[idx]))
-    d = np.asarray(diffs)
+        size = min(BOOTSTRAP_CHUNK, max(n_bootstrap - kept, 16))
+        drawn += size
+        weights = rng.multinomial(n_groups, uniform, size=size)[:, inverse].astype(np.float64)
+        both = (weights[:, y].sum(1) > 0) & (weights[:, ~y].sum(1) > 0)
+        weights = weights[both]
+        if len(weights):
+            chunks.append(weighted_aucs(y, a, weights) - weighted_aucs(y, b, weights))
+            kept += len(weights)
+    d = np.concatenate(chunks)[:n_bootstrap]
     auc_a, auc_b = _fast_auc(y, a), _fast_auc(y, b)
     diff = auc_a - auc_b
     lo, hi = np.quantile(d, [alpha / 2, 1 - alpha / 2])
     p = min(1.0, 2 * min((np.sum(d <= 0) + 1) / (len(d) + 1), (np.sum(d >= 0) + 1) / (len(d) + 1)))
     if np.all(d == 0) and diff == 0:
         p = 1.0
-    return PairedComparison("paired_bootstrap" + ("_patient" if members is not None else "_slide"),
+    return PairedComparison("paired_bootstrap" + ("_patient" if groups is not None else "_slide"),
                             float(auc_a), float(auc_b), float(diff), float(lo), float(hi), float(p),
-                            float(d.std(ddof=1)), int(n), int(y.sum()), int(len(d)), int(n_groups))
+                            float(d.std(ddof=1)), int(n), int(y.sum()), int(len(d)), int(n_groups if groups is not None else 0))
 
 
 def compare_csv(csv: str, label: str = "label", score_a: str = "score_a", score_b: str = "score_b",
                 group: str | None = None, n_bootstrap: int = 2000, seed: int = 0) -> str:
-    """Both tests on a CSV with one row per slide; prints and returns JSON."""
+    """Both tests on a CSV with one row per slide; prints and returns JSON. With ``group`` (the patient
+    column) ``bootstrap`` is the patient-cluster bootstrap, the test to read; ``delong`` assumes
+    independent slides."""
     import pandas as pd
 
     df = pd.read_csv(csv)
