@@ -16,7 +16,7 @@ every bag; the transform must run on torch tensors inside the training and infer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -76,11 +76,10 @@ class FeatureStandardizer:
         """``bags`` as :class:`StandardizedBag` (lazy: features are standardised when each bag is read)."""
         out = []
         for bag in bags:
-            fields = {name: getattr(bag, name) for name in ("bag_id", "label", "patient_id", "center",
-                                                            "features_path", "features")}
+            values = {f.name: getattr(bag, f.name) for f in fields(Bag)}  # every Bag field, whatever is added
             if isinstance(bag, StandardizedBag):
                 raise ValueError(f"bag {bag.bag_id!r} is standardised already")
-            out.append(StandardizedBag(**fields, standardizer=self))
+            out.append(StandardizedBag(**values, standardizer=self))
         return out
 
     def record(self) -> dict:
