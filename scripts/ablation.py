@@ -3,11 +3,15 @@
     python -m monai.bundle run ablation --config_file "['configs/train.json','configs/compare.json']" --datalist <csv> --output_dir <out>
 
 For every (threshold, factor) of the grid (default threshold {0.4, ..., 0.8} x factor {0.3, ..., 0.8})
-SMILE is cross-validated on the same ``<out>/splits.json`` folds with the same training settings.
+SMILE is cross-validated on the same ``<out>/splits.json`` folds, every fold trained by ``train.json``'s
+``train`` / ``validate`` sections with all their handlers (:func:`scripts.training.config_cross_validation`;
+the cell is the config overrides ``network_def#threshold`` and ``network_def#factor``).
 Outputs under ``<out>/ablation/``: ``ablation.csv`` (threshold, factor, fold AUC mean and standard
 deviation, pooled out-of-fold AUC and its 95 % interval, accuracy, F1), ``ablation.json``,
 ``oof_predictions.csv`` (every cell's out-of-fold probabilities, long form) and ``ablation.png`` (heat
-maps of the mean fold AUC and of the pooled AUC). No fold models are kept.
+maps of the mean fold AUC and of the pooled AUC). No fold models are kept (each fold's folder, where the
+config's handlers write, is a temporary one; a handler writing elsewhere, e.g. MLflow with
+``--tracking mlflow``, keeps its records: run names ``threshold<t>_factor<f>/fold<k>``).
 
 Choosing the best cell uses validation data only: every cell's score is the mean over folds of the
 validation AUC of the selected epoch (ties: lower mean validation loss); the test folds never take part
@@ -40,20 +44,25 @@ PAPER_FACTORS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 def run_ablation(
     bags,
     splits: dict,
-    settings,
     output_dir: str | Path,
     thresholds: Sequence[float] = PAPER_THRESHOLDS,
     factors: Sequence[float] = PAPER_FACTORS,
     method: str = "smile",
     method_kwargs: Mapping[str, Any] | None = None,
     n_bootstrap: int = 2000,
+    parser=None,
 ) -> list[dict]:
-    """Cross-validate ``method`` at every (threshold, factor); write ``<output_dir>/ablation/``; return the rows."""
+    """Cross-validate ``method`` at every (threshold, factor); write ``<output_dir>/ablation/``; return the rows.
+
+    ``parser``: the training config (default: the ``monai.bundle`` config being run; from Python e.g.
+    :func:`scripts.training.training_parser`)."""
     from tqdm.auto import tqdm
 
-    from scripts.methods import method_factory
-    from scripts.training import run_cross_validation
+    from scripts.compare import config_parser_for
+    from scripts.methods import method_config_overrides
+    from scripts.training import config_cross_validation, training_description
 
+    parser = config_parser_for(parser, output_dir, "run_ablation")
     thresholds = [float(t) for t in thresholds]
     factors = [float(f) for f in factors]
     if not thresholds or not factors:
@@ -68,8 +77,9 @@ def run_ablation(
     for threshold, factor in bar:
         bar.set_postfix_str(f"threshold {threshold:g} factor {factor:g}")
         start = time.perf_counter()
-        factory = method_factory(method, network_kwargs={**base, "threshold": threshold, "factor": factor})
-        result = run_cross_validation(factory, bags, splits, settings, output_dir=None, n_bootstrap=n_bootstrap, keep_models=False)
+        overrides = method_config_overrides(method, {**base, "threshold": threshold, "factor": factor}, parser.get("network_def"))
+        result = config_cross_validation(bags, splits, output_dir=None, n_bootstrap=n_bootstrap, parser=parser,
+                                         overrides=overrides, run_prefix=f"threshold{threshold:g}_factor{factor:g}/")
         summary = result.summary
         pooled = summary["pooled"]
         at_val = pooled.get("at_val_threshold") or {}
@@ -103,7 +113,8 @@ def run_ablation(
     write_json(
         out_dir / "ablation.json",
         {"method": method, "method_kwargs": base, "thresholds": thresholds, "factors": factors, "rows": rows,
-         "chosen_on_validation": best, "selection_rule": SELECTION_RULE, "settings": settings.describe(),
+         "chosen_on_validation": best, "selection_rule": SELECTION_RULE,
+         "settings": {k: v for k, v in training_description(parser).items() if k != "network_def"},
          "n_folds": len(splits["folds"])},
     )  # fmt: skip
     plot_ablation(rows, thresholds, factors, out_dir / "ablation.png", title=method)

@@ -10,11 +10,15 @@ Run with the bundle config (see docs/compare.md)::
 batch size, early stopping, seed, device), the paths and the splits come from ``train.json``;
 ``compare.json`` adds the methods, the tests and the ablation/transfer grids.
 
-Every chosen method is trained with :func:`scripts.training.run_cross_validation` on the same folds
-(``<out>/splits.json``, made once and reused) and the same training settings. Outputs under
+Every chosen method is cross-validated on the same folds (``<out>/splits.json``, made once and reused)
+by :func:`scripts.training.config_cross_validation`: each fold is trained by ``train.json``'s
+``train`` / ``validate`` sections with all their handlers (:func:`scripts.training.train_from_config`,
+the trainer of ``run training``), the method chosen by config overrides (``network_def#name``,
+``network_def#network_kwargs``, ...; :func:`scripts.methods.method_config_overrides`). Outputs under
 ``<out>/compare/``:
 
-* ``<method>/cv/``: that method's fold models, ``oof_predictions.csv``, ``summary.json``, ``roc.png``;
+* ``<method>/cv/``: that method's fold models (``fold<k>/`` also holds what the config's handlers write:
+  TensorBoard events, ``checkpoints/``), ``oof_predictions.csv``, ``summary.json``, ``roc.png``;
 * ``oof_predictions.csv``: one row per slide, one ``prob_<method>`` column per method;
 * ``comparison.csv`` / ``comparison.json`` / ``comparison.md``: per method the fold AUC mean and standard
   deviation, the pooled out-of-fold AUC with its 95 % bootstrap interval, accuracy, balanced accuracy,
@@ -35,7 +39,6 @@ One method failing (e.g. out of memory) is reported in the table and does not st
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
@@ -117,12 +120,18 @@ def load_bags(
 # ----------------------------------------------------------------------------------------------- settings
 
 
-def with_overrides(settings, **changes):
-    """A copy of a :class:`scripts.training.TrainSettings` with some fields changed."""
-    out = copy.copy(settings)
-    for key, value in changes.items():
-        setattr(out, key, value)
-    return out
+def config_parser_for(parser, output_dir, stage: str):
+    """The training config of a comparison / ablation / transfer run: ``parser`` or the one evaluating the
+    current config expression (:func:`scripts.training.active_config_parser`). A first positional argument
+    that is not a folder gets a clear error (these functions used to take a ``TrainSettings`` there)."""
+    import os
+
+    from scripts.training import active_config_parser
+
+    if not isinstance(output_dir, (str, os.PathLike)):
+        raise TypeError(f"{stage}: output_dir must be a folder, got {type(output_dir).__name__}; the training settings "
+                        "come from the config (parser=scripts.training.training_parser({...}) from Python)")
+    return parser if parser is not None else active_config_parser()
 
 
 def as_bool(value: Any, name: str) -> bool:
@@ -160,7 +169,6 @@ def resolve_methods(methods: Sequence[str] | str) -> list[str]:
 def compare_methods(
     bags: Sequence[Bag],
     splits: dict,
-    settings,
     output_dir: str | Path,
     methods: Sequence[str] | str = DEFAULT_METHODS,
     reference: str = "smile",
@@ -172,8 +180,12 @@ def compare_methods(
     floor: bool = True,
     annotations: Mapping[str, str | Path] | None = None,
     top_k: int = 8,
+    parser=None,
 ) -> dict:
     """Train and score every method on ``splits``; write ``<output_dir>/compare/`` (module docstring).
+
+    ``parser``: the training config (default: the ``monai.bundle`` config being run; from Python e.g.
+    :func:`scripts.training.training_parser`); every fold of every method is trained by it.
 
     ``floor``: also score the pooled logistic-regression floor (:mod:`scripts.pooled_baseline`, mean +
     max pooled instance features) on the same folds; it gets a row and a paired test like every method.
@@ -185,8 +197,10 @@ def compare_methods(
     """
     from tqdm.auto import tqdm
 
-    from scripts.methods import count_parameters, method_factory
+    from scripts.methods import count_parameters, method_config_overrides
+    from scripts.training import training_description
 
+    parser = config_parser_for(parser, output_dir, "compare_methods")
     methods = resolve_methods(methods)
     method_kwargs = dict(method_kwargs or {})
     keep_fold_models = as_bool(keep_fold_models, "keep_fold_models")
@@ -205,9 +219,9 @@ def compare_methods(
         kwargs = dict(method_kwargs.get(name) or {})
         start = time.perf_counter()
         try:
-            factory = method_factory(name, network_kwargs=kwargs)
-            result = _run_cv(factory, bags, splits, settings, out_dir / name if keep_fold_models else None, n_bootstrap,
-                             keep_models=bool(annotations))
+            overrides = method_config_overrides(name, kwargs, parser.get("network_def"))
+            result = _run_cv(parser, overrides, name, bags, splits, out_dir / name if keep_fold_models else None,
+                             n_bootstrap, keep_models=bool(annotations))
         except Exception as error:  # one method failing must not lose the others' results
             logger.exception("method %s failed", name)
             rows.append({"method": name, "status": f"failed: {type(error).__name__}: {error}"})
@@ -265,7 +279,7 @@ def compare_methods(
         "reference": reference,
         "methods": methods,
         "cohort": _cohort_description(bags, splits),
-        "settings": settings.describe(),
+        "settings": {k: v for k, v in training_description(parser).items() if k != "network_def"},
         "method_kwargs": method_kwargs,
         "rows": rows,
         "paired_test": {"headline_p": "p_patient_bootstrap_holm", "test": PAIRED_TEST,
@@ -317,11 +331,11 @@ def _add_floor(bags, splits, n_bootstrap, results: dict, rows: list, out_dir: Pa
     })  # fmt: skip
 
 
-def _run_cv(factory, bags, splits, settings, output_dir, n_bootstrap, keep_models=False):
-    from scripts.training import run_cross_validation
+def _run_cv(parser, overrides, name, bags, splits, output_dir, n_bootstrap, keep_models=False):
+    from scripts.training import config_cross_validation
 
-    return run_cross_validation(factory, bags, splits, settings, output_dir=output_dir, n_bootstrap=n_bootstrap,
-                                keep_models=keep_models)
+    return config_cross_validation(bags, splits, output_dir=output_dir, n_bootstrap=n_bootstrap, parser=parser,
+                                   overrides=overrides, run_prefix=f"{name}/", keep_models=keep_models)
 
 
 def out_of_fold_localisation(bags: Sequence[Bag], splits: dict, models: Sequence[Any], annotations: Mapping[str, str | Path],
@@ -576,7 +590,7 @@ def _describe_optimizer(value) -> str:
 
 
 __all__ = [
-    "DEFAULT_METHODS", "load_bags", "with_overrides", "resolve_methods", "compare_methods", "merge_predictions",
+    "DEFAULT_METHODS", "load_bags", "config_parser_for", "resolve_methods", "compare_methods", "merge_predictions",
     "out_of_fold_localisation", "localisation_columns",
     "paired_tests", "holm", "comparison_markdown", "PAIRED_TEST", "DELONG_NOTE",
 ]  # fmt: skip

@@ -103,6 +103,30 @@ def method_factory(name: str, network_kwargs: Mapping[str, Any] | None = None, *
     return functools.partial(build_method, name, network_kwargs=dict(network_kwargs or {}), **kwargs)
 
 
+NETWORK_DEF_FIXED = ("name", "in_dim", "network_kwargs", "channel_first")
+
+
+def method_config_overrides(name: str, network_kwargs: Mapping[str, Any] | None = None,
+                            network_def: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Config overrides (``network_def#...``) that make ``train.json``'s ``network_def`` build method
+    ``name`` with exactly ``network_kwargs``: the comparison's, the ablation's and the transfer's way of
+    choosing the network of a fold trained by :func:`scripts.training.train_from_config`.
+
+    ``network_def`` (the config's ``network_def`` item) names the knobs it carries (``embed_dim``,
+    ``threshold``, ``factor``, ...): each is set to its value in ``network_kwargs`` or to null (= the
+    method's default, whatever ``--network_def#...`` said); the other arguments go to
+    ``network_def#network_kwargs`` (all of them when ``network_def`` is None). The arguments are checked now (:func:`resolve_method_kwargs`), so
+    a typo fails before any training.
+    """
+    kwargs = dict(network_kwargs or {})
+    resolve_method_kwargs(name, kwargs)
+    named = [k for k in (network_def or {}) if not str(k).startswith("_") and k not in NETWORK_DEF_FIXED]
+    out: dict[str, Any] = {"network_def#name": name}
+    out.update({f"network_def#{k}": kwargs.get(k) for k in named})
+    out["network_def#network_kwargs"] = {k: v for k, v in kwargs.items() if k not in named}
+    return out
+
+
 def count_parameters(name: str, in_dim: int, network_kwargs: Mapping[str, Any] | None = None) -> int:
     """Trainable parameters of method ``name`` at feature size ``in_dim``."""
     model = build_method(name, in_dim=in_dim, network_kwargs=network_kwargs)
@@ -135,5 +159,5 @@ def _network_class(name: str) -> type[nn.Module]:
 
 __all__ = [
     "METHOD_DEFAULTS", "available_methods", "method_arguments", "resolve_method_kwargs", "build_method",
-    "build_bag_classifier", "method_factory", "count_parameters",
+    "build_bag_classifier", "method_factory", "method_config_overrides", "count_parameters",
 ]  # fmt: skip

@@ -1,30 +1,39 @@
 """Training MIL networks on packed bags with MONAI's ignite engines, one fold or a whole cross-validation.
 
-Python API (the bundle's ``configs/train.json`` calls the same functions)::
+There is one trainer: :func:`train_from_config`, which instantiates ``configs/train.json``'s ``train``
+and ``validate`` sections (``train#trainer``, ``validate#evaluator`` and all their handlers) for one
+fold and restores the epoch chosen by ``validate#selection``. ``run training`` (:func:`config_cross_validation`),
+``train_all``, the method comparison, the SMILE ablation and the cross-centre transfer
+(``configs/compare.json``) all train through it, so a handler, ``val_interval`` or ``--tracking mlflow``
+set in the config reaches every one of them.
+
+Python API (a thin layer over the same config path)::
 
     from scripts.networks import build_mil_network
-    from scripts.mil_data import bags_from_datalist
-    from scripts.splits import load_or_make_splits
-    from scripts.training import TrainSettings, train_fold, run_cross_validation, predict
+    from scripts.training import TrainSettings, train_fold, run_cross_validation, predict, training_parser
 
     factory = functools.partial(build_mil_network, "smile", factor=0.5)   # called as factory(in_dim=D)
     model, history = train_fold(factory, train_bags, val_bags, TrainSettings(epochs=50))
     probs = predict(model, test_bags)
     result = run_cross_validation(factory, bags, splits, TrainSettings(), output_dir="out")
+    parser = training_parser({"epochs": 50, "lr": 1e-3})   # configs/train.json with overrides, e.g. for
+    # scripts.compare.compare_methods(..., parser=parser)
 
 * a *network factory* is any callable ``factory(in_dim=D) -> MILNetwork`` (a class, a
   ``functools.partial`` of :func:`scripts.networks.build_mil_network`, a config item with
-  ``"_mode_": "callable"``) or an ``nn.Module`` instance (deep-copied for every fold);
-* :class:`TrainSettings` holds everything else (epochs, batch size, optimiser factory, loss, early
-  stopping, seed, device); its defaults are the SMILE recipe: Ranger 20.4.11 (:class:`scripts.optim.Ranger`) lr 2e-4,
-  weight decay 1e-5, 100 epochs, batches of 12 bags, early stopping and checkpoint selection on the
-  validation AUC (ties broken by the lower validation loss);
+  ``"_mode_": "callable"``) or an ``nn.Module`` instance (deep-copied for every fold); it replaces
+  ``train#network`` of ``train.json``;
+* :class:`TrainSettings` is the Python spelling of ``train.json``'s training keys (epochs, batch size,
+  optimiser factory, loss, early stopping, seed, device); :meth:`TrainSettings.config_overrides` turns it
+  into config overrides. Its defaults are ``train.json``'s, the SMILE recipe: Ranger 20.4.11
+  (:class:`scripts.optim.Ranger`) lr 2e-4, weight decay 1e-5, 100 epochs, batches of 12 bags, early
+  stopping and checkpoint selection on the validation AUC (ties broken by the lower validation loss);
 * a network's extra training losses (``training_loss_terms``) are added to the bag BCE.
 
 Each epoch the :class:`monai.engines.SupervisedTrainer` (custom iteration: packed bags, one logit per
 bag, BCE-with-logits) runs over the training bags, then a :class:`monai.engines.SupervisedEvaluator`
 with a :class:`monai.handlers.ROCAUC` metric scores the validation bags; the best epoch's weights are
-kept. The test fold is never looked at while training.
+kept (:class:`scripts.handlers.BestEpochSelection`). The test fold is never looked at while training.
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ from scripts.formats.fingerprint import FINGERPRINT_METHOD, file_fingerprint
 from scripts.formats.layout import OutputLayout
 from scripts.io_utils import write_csv, write_json
 from scripts.metrics import classification_report, format_ci, nan_to_none, plot_roc, youden_threshold
-from scripts.distributed import broadcast_buffers, is_main_process, unwrap, wrap_ddp
+from scripts.distributed import is_main_process, unwrap
 from scripts.feature_norm import check_feature_norm, fit_feature_norm, standardize_bags
 from scripts.mil_data import Bag, BagDataset, collate_bags, feature_dim
 
@@ -94,25 +103,30 @@ def ranger(params, lr: float = 2e-4, weight_decay: float = 1e-5, betas=(0.95, 0.
 
 @dataclass
 class TrainSettings:
-    """How one fold is trained.
+    """``configs/train.json``'s training keys for Python callers (:func:`train_fold`, :func:`run_cross_validation`).
+
+    Nothing here trains: :meth:`config_overrides` turns the fields into overrides of ``train.json``
+    and the fold is trained by :func:`train_from_config`, like ``run training``. Each field is the
+    config key of the same name unless noted.
 
     Attributes:
         epochs: maximum number of epochs.
         batch_size: bags per optimiser step (packed; BatchNorm sees their real instances).
-        optimizer: ``factory(model) -> torch.optim.Optimizer``; None = :func:`ranger` with ``lr`` and
-            ``weight_decay``.
-        lr, weight_decay: used when ``optimizer`` is None.
-        loss_function: bag loss on (logits, labels); None = ``BCEWithLogitsLoss``.
+        optimizer: ``factory(model) -> torch.optim.Optimizer``, replacing the config's ``optimizer``;
+            None = the config's (Ranger with ``lr`` and ``weight_decay``).
+        lr, weight_decay: the config's ``lr`` / ``weight_decay`` (used by its ``optimizer``).
+        loss_function: bag loss on (logits, labels), replacing the config's ``loss``; None = ``BCEWithLogitsLoss``.
         monitor: ``"auc"`` (validation AUC, ties broken by lower validation loss) or ``"loss"``.
-        patience: stop after this many epochs without improvement of the monitored value (0 = never).
-        min_epochs: never stop before this epoch.
+        patience: stop after this many validations without improvement of the monitored value (0 = never).
+        val_interval: validate every this many epochs.
         seed: seeds weights, shuffling and dropout (the fold number is added in cross-validation).
-        device: ``"cpu"``, ``"cuda"``, a torch.device, or ``"auto"``.
+        device: ``"cpu"``, ``"cuda"``, a torch.device, or ``"auto"`` (the config's: CUDA when available).
         num_workers: DataLoader workers reading bags (feature files are opened per bag).
-        eval_batch_size: bags per validation/prediction step (default: ``batch_size``).
-        progress: show a progress bar per fold.
+        eval_batch_size: bags per prediction step of :func:`run_cross_validation` (default: ``batch_size``);
+            not a config key.
         num_threads: torch CPU threads while training (None = torch's default). Tiny bags (MUSK,
             small demo bags) train faster on 1 thread, especially on a busy machine.
+        distributed: under torchrun: DDP + DistributedSampler (``configs/multi_gpu_train.json``).
         feature_norm: ``"none"`` or ``"standardize"`` (:mod:`scripts.feature_norm`: per-dimension mean and
             standard deviation fitted on each fold's training bags only, stored in its checkpoint).
     """
@@ -125,28 +139,27 @@ class TrainSettings:
     loss_function: Callable | None = None
     monitor: str = "auc"
     patience: int = 20
-    min_epochs: int = 1
+    val_interval: int = 1
     seed: int = 0
     device: Any = "auto"
     num_workers: int = 0
     eval_batch_size: int | None = None
-    progress: bool = True
     num_threads: int | None = None
-    distributed: bool = False  # under torchrun: DDP + DistributedSampler (configs/multi_gpu_train.json)
+    distributed: bool = False
     feature_norm: str = "none"
 
-    def torch_device(self) -> torch.device:
-        if self.device in (None, "auto"):
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        if self.optimizer is None:
-            return ranger(model, lr=self.lr, weight_decay=self.weight_decay)
-        return self.optimizer(model)
-
-    def make_loss(self) -> Callable:
-        return nn.BCEWithLogitsLoss() if self.loss_function is None else self.loss_function
+    def config_overrides(self) -> dict:
+        """The fields as ``configs/train.json`` overrides (what ``--epochs 50`` etc. would set)."""
+        out = {key: getattr(self, key) for key in (
+            "epochs", "batch_size", "lr", "weight_decay", "monitor", "patience", "val_interval", "seed",
+            "num_workers", "num_threads", "distributed", "feature_norm")}  # fmt: skip
+        if self.optimizer is not None:
+            out["optimizer"] = self.optimizer
+        if self.loss_function is not None:
+            out["loss"] = self.loss_function
+        if self.device not in (None, "auto"):
+            out["device"] = torch.device(self.device)
+        return out
 
     def describe(self) -> dict:
         out = {}
@@ -228,76 +241,6 @@ def mil_eval_iteration(engine, batch: dict) -> dict:
     return {"pred": torch.sigmoid(logits), "logits": logits, "label": labels, "bag_id": batch["bag_id"]}
 
 
-class _FoldMonitor:
-    """Keeps the best weights by the monitored validation value, stops early, records the history."""
-
-    def __init__(self, trainer, model: nn.Module, settings: TrainSettings, loss_function, has_val: bool, bar=None):
-        self.trainer, self.model, self.settings, self.loss_function = trainer, model, settings, loss_function
-        self.has_val, self.bar = has_val, bar
-        self.history: list[dict] = []
-        self.best_key: tuple | None = None
-        self.best_state: dict | None = None
-        self.best_epoch = 0
-        self.stale = 0
-        self._train_loss = self._train_n = 0.0
-        self._val_logits: list[torch.Tensor] = []
-        self._val_labels: list[torch.Tensor] = []
-        self._start = time.perf_counter()
-
-    # trainer events
-    def train_iteration(self, engine) -> None:
-        out = engine.state.output[0]
-        if not math.isnan(float(out["loss"])):
-            self._train_loss += float(out["loss"]) * out["n_bags"]
-            self._train_n += out["n_bags"]
-
-    # evaluator events
-    def val_started(self, engine) -> None:
-        self._val_logits, self._val_labels = [], []
-
-    def val_iteration(self, engine) -> None:
-        self._val_logits.append(engine.state.output["logits"].cpu())
-        self._val_labels.append(engine.state.output["label"].cpu())
-
-    def epoch_completed(self, engine, evaluator=None) -> None:
-        epoch = engine.state.epoch
-        row = {"epoch": epoch, "train_loss": self._train_loss / max(self._train_n, 1)}
-        self._train_loss = self._train_n = 0.0
-        if self.has_val and self._val_logits:
-            logits, labels = torch.cat(self._val_logits), torch.cat(self._val_labels)
-            row["val_loss"] = float(nn.functional.binary_cross_entropy_with_logits(logits, labels))
-            row["val_auc"] = float(evaluator.state.metrics.get("val_auc", math.nan)) if evaluator is not None else math.nan
-            key = self._key(row["val_auc"], row["val_loss"])
-        else:
-            row["val_loss"] = row["val_auc"] = math.nan
-            key = (epoch,)  # no validation: the last epoch wins
-        row["lr"] = float(engine.optimizer.param_groups[0]["lr"])
-        row["seconds"] = time.perf_counter() - self._start
-        self.history.append(row)
-        if self.best_key is None or key > self.best_key:
-            self.best_key, self.best_epoch, self.stale = key, epoch, 0
-            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        else:
-            self.stale += 1
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix_str(
-                f"loss {row['train_loss']:.3f} val_loss {row['val_loss']:.3f} val_auc {row['val_auc']:.3f} best@{self.best_epoch}"
-            )
-        patience = self.settings.patience
-        if self.has_val and patience and self.stale >= patience and epoch >= self.settings.min_epochs:
-            engine.terminate()
-
-    def _key(self, val_auc: float, val_loss: float) -> tuple:
-        loss_key = -val_loss if math.isfinite(val_loss) else -math.inf
-        if self.settings.monitor == "loss":
-            return (loss_key,)
-        if self.settings.monitor != "auc":
-            raise ValueError(f"monitor must be 'auc' or 'loss', got {self.settings.monitor!r}")
-        # an undefined AUC (one-class validation set) ranks below any defined AUC; then the loss decides
-        return (val_auc if math.isfinite(val_auc) else -1.0, loss_key)
-
-
 def bag_loader(
     dataset, batch_size: int = 12, shuffle: bool = False, seed: int = 0, num_workers: int = 0, device: Any = "cpu",
     distributed: bool = False,
@@ -323,102 +266,39 @@ def bag_loader(
     )  # fmt: skip
 
 
-def _loader(bags: Sequence[Bag], batch_size: int, shuffle: bool, settings: TrainSettings, seed: int) -> DataLoader:
-    return bag_loader(BagDataset(bags), batch_size, shuffle, seed, settings.num_workers, settings.torch_device(),
-                      settings.distributed)
-
-
 def train_fold(
     network_factory: Callable[..., nn.Module] | nn.Module,
     train_bags: Sequence[Bag],
     val_bags: Sequence[Bag],
     settings: TrainSettings | None = None,
     desc: str = "train",
+    parser=None,
+    fold_dir: str | Path | None = None,
 ) -> tuple[nn.Module, dict]:
-    """Train one network on ``train_bags``, selecting the epoch on ``val_bags``.
+    """Python API: train one network from ``network_factory`` on ``train_bags``, selecting the epoch on ``val_bags``.
 
-    Returns ``(model, history)``: the model holds the best epoch's weights, in eval mode, on the
-    settings' device; ``history`` is ``{"epochs": [per-epoch dicts: epoch, train_loss, val_loss,
+    A thin wrapper over :func:`train_from_config`: the config is ``parser`` (default: ``configs/train.json``,
+    :func:`training_parser`) with ``settings``' :meth:`~TrainSettings.config_overrides` applied (when given;
+    without ``parser`` the default :class:`TrainSettings`) and ``train#network`` built by
+    ``network_factory``; the seed is ``settings.seed`` (else the config's), ``desc`` the run name,
+    ``fold_dir`` receives what the config's handlers write (default: a temporary folder, removed afterwards).
+
+    Returns ``(model, history)``: the model holds the selected epoch's weights, in eval mode, on the
+    config's device; ``history`` is ``{"epochs": [per-epoch dicts: epoch, train_loss, val_loss,
     val_auc, lr, seconds], "best_epoch", "best_val_auc", "best_val_loss", "stopped_epoch", "seconds",
     "network": spec}``. ``val_bags`` may be empty (then the last epoch is kept, no early stopping).
     """
-    from ignite.engine import Events
-    from monai.engines import SupervisedEvaluator, SupervisedTrainer
-    from monai.handlers import ROCAUC, ValidationHandler, from_engine
-    from monai.utils import set_determinism
-
-    settings = settings or TrainSettings()
-    if not train_bags:
-        raise ValueError("train_fold needs at least one training bag")
-    unlabeled = [b.bag_id for b in list(train_bags) + list(val_bags) if b.label is None]
-    if unlabeled:
-        raise ValueError(f"bags without a label cannot be used for training: {', '.join(unlabeled[:5])}")
-    device = settings.torch_device()
-    if settings.num_threads:
-        torch.set_num_threads(int(settings.num_threads))
-    set_determinism(seed=settings.seed)
-    in_dim = feature_dim(train_bags)
-    model = build_network(network_factory, in_dim).to(device)
-    engine_network = wrap_ddp(model, device) if settings.distributed else model  # same parameters
-    optimizer = settings.make_optimizer(model)
-    loss_function = settings.make_loss()
-    train_loader = _loader(train_bags, settings.batch_size, True, settings, settings.seed)
-
-    trainer = SupervisedTrainer(
-        device=device,
-        max_epochs=settings.epochs,
-        train_data_loader=train_loader,
-        network=engine_network,
-        optimizer=optimizer,
-        loss_function=loss_function,
-        iteration_update=mil_train_iteration,
-        decollate=False,
-        non_blocking=device.type == "cuda",
-    )
-    bar = None
-    if settings.progress and is_main_process():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=settings.epochs, desc=desc, unit="epoch", leave=True, dynamic_ncols=True)
-    has_val = len(val_bags) > 0
-    monitor = _FoldMonitor(trainer, model, settings, loss_function, has_val, bar)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, monitor.train_iteration)
-    if engine_network is not model:  # before validation: every rank gets rank 0's BatchNorm statistics
-        trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: broadcast_buffers(model))
-    evaluator = None
-    if has_val:
-        evaluator = SupervisedEvaluator(
-            device=device,
-            val_data_loader=_loader(val_bags, settings.eval_batch_size or settings.batch_size, False, settings, 0),
-            network=model,
-            iteration_update=mil_eval_iteration,
-            key_val_metric={"val_auc": ROCAUC(output_transform=from_engine(["pred", "label"]))},
-            decollate=False,
-            non_blocking=device.type == "cuda",
-        )
-        evaluator.add_event_handler(Events.EPOCH_STARTED, monitor.val_started)
-        evaluator.add_event_handler(Events.ITERATION_COMPLETED, monitor.val_iteration)
-        ValidationHandler(validator=evaluator, interval=1, epoch_level=True).attach(trainer)
-    # registered after the ValidationHandler: runs once the epoch's validation is done
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, monitor.epoch_completed, evaluator)
-    start = time.perf_counter()
-    with _quiet_ignite():
-        trainer.run()
-    if bar is not None:
-        bar.close()
-    if monitor.best_state is not None:
-        model.load_state_dict(monitor.best_state)
-    model.eval()
-    best = next((row for row in monitor.history if row["epoch"] == monitor.best_epoch), {})
-    history = {
-        "epochs": monitor.history,
-        "best_epoch": monitor.best_epoch,
-        "best_val_auc": best.get("val_auc", math.nan),
-        "best_val_loss": best.get("val_loss", math.nan),
-        "stopped_epoch": monitor.history[-1]["epoch"] if monitor.history else 0,
-        "seconds": time.perf_counter() - start,
-        "network": network_spec(model, network_factory, in_dim),
-    }
+    if parser is None:
+        parser = training_parser()
+        settings = settings or TrainSettings()
+    overrides = settings.config_overrides() if settings is not None else {}
+    overrides.update({
+        "network_factory": network_factory,
+        "train#network": "$scripts.training.build_network(@network_factory, @feature_dim).to(@device)",
+    })  # fmt: skip
+    seed = settings.seed if settings is not None else int(parser.get_parsed_content("seed"))
+    model, history = train_from_config(parser, train_bags, val_bags, fold_dir, seed, run_name=desc, overrides=overrides)
+    history["network"] = network_spec(model, network_factory, feature_dim(train_bags))
     return model, history
 
 
@@ -479,13 +359,14 @@ def run_cross_validation(
 ) -> CVResult:
     """Train and test one network per fold of ``splits`` (see :mod:`scripts.splits`).
 
-    ``train_one(k, train_bags, val_bags) -> (model, history)`` trains fold ``k``; the default is
-    :func:`train_fold` with ``network_factory`` and ``settings`` (seed + k). ``configs/train.json`` passes
-    :func:`train_from_config` instead (see :func:`config_cross_validation`).
+    ``train_one(k, train_bags, val_bags) -> (model, history)`` trains fold ``k``;
+    :func:`config_cross_validation` (``run training``, the comparison, the ablation) passes one that
+    calls :func:`train_from_config`. The default (Python API) is :func:`train_fold` with
+    ``network_factory`` and ``settings`` (seed + k), which is the same config path.
 
     Per fold: with ``settings.feature_norm == "standardize"`` a standardiser fitted on the fold's train
-    bags only (:mod:`scripts.feature_norm`) is applied to its train, val and test bags; then
-    :func:`train_fold` on the train bags with the val bags for selection, a threshold chosen on the val
+    bags only (:mod:`scripts.feature_norm`) is applied to its train, val and test bags; then the network
+    is trained on the train bags with the val bags for selection, a threshold chosen on the val
     bags (Youden), then the test bags are predicted. With ``output_dir``,
     ``<output_dir>/cv/`` receives ``fold<k>/model.pt`` (+ ``history.csv``, ``predictions.csv``),
     ``oof_predictions.csv``, ``summary.json``, ``roc.png`` and ``model.pt`` (the fold with the best
@@ -507,7 +388,8 @@ def run_cross_validation(
         if train_one is None:
             fold_settings = copy.copy(settings)
             fold_settings.seed = settings.seed + k
-            model, history = train_fold(network_factory, train, val, fold_settings, desc=f"fold {k}")
+            fold_dir = OutputLayout(output_dir).fold_dir(k) if output_dir is not None else None
+            model, history = train_fold(network_factory, train, val, fold_settings, desc=f"fold{k}", fold_dir=fold_dir)
         else:
             model, history = train_one(k, train, val)
         val_probs = predict(model, val, settings.eval_batch_size or settings.batch_size) if val else np.zeros(0)
@@ -630,31 +512,76 @@ def active_config_parser():
         if isinstance(candidate, ConfigParser):
             return candidate
         frame = frame.f_back
-    raise RuntimeError("config_cross_validation/config_train_all must be called from a monai.bundle config "
-                       "(python -m monai.bundle run training --config_file configs/train.json); pass parser=")
+    raise RuntimeError("no monai.bundle config is being evaluated: config_cross_validation, config_train_all, the "
+                       "comparison, the ablation and the transfer take the training config from it; outside a config "
+                       "pass parser= (e.g. scripts.training.training_parser())")
+
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_CONFIG = BUNDLE_ROOT / "configs" / "train.json"
+
+
+def training_parser(overrides: dict | None = None, config_file: str | Path | Sequence[str | Path] | None = None):
+    """``configs/train.json`` (or ``config_file``, a file or a list merged like ``--config_file "[...]"``)
+    as a :class:`~monai.bundle.ConfigParser` with ``overrides`` set (config id -> value, as
+    ``--epochs 50`` or ``--network_def#factor 0.3`` would set them; Python objects are allowed, e.g. an
+    optimizer factory for ``optimizer``). For Python callers of :func:`train_from_config`, the
+    comparison, the ablation and the transfer (``parser=``)."""
+    from monai.bundle import ConfigParser
+
+    files = [config_file] if isinstance(config_file, (str, Path)) else list(config_file or [TRAIN_CONFIG])
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files])
+    parser["bundle_root"] = str(BUNDLE_ROOT)
+    for key, value in (overrides or {}).items():
+        if key not in parser:
+            raise KeyError(f"{key!r} is not a key of {', '.join(str(f) for f in files)}; cannot override it")
+        parser[key] = value
+    return parser
 
 
 def train_from_config(
-    parser, train_bags: Sequence[Bag], val_bags: Sequence[Bag], fold_dir: str | Path, seed: int,
-    run_name: str | None = None, bags: Sequence[Bag] | None = None,
+    parser, train_bags: Sequence[Bag], val_bags: Sequence[Bag], fold_dir: str | Path | None = None, seed: int = 0,
+    run_name: str | None = None, bags: Sequence[Bag] | None = None, overrides: dict | None = None,
 ) -> tuple[nn.Module, dict]:
     """Train one network as ``train.json`` describes it, on ``train_bags``, validating on ``val_bags``.
 
-    A fresh copy of ``parser``'s config (with every command-line override and ``--tracking`` patch) is
-    parsed with ``fold_dir``, ``seed`` and ``run_name`` set and the fold's bags in ``train_bags`` /
-    ``val_bags``; ``train#trainer`` and ``validate#evaluator`` with all their handlers are instantiated
-    from it and run. Then the weights of the epoch chosen by ``validate#selection`` are restored.
-    Returns ``(model, history)`` like :func:`train_fold`.
-    """
-    from monai.bundle import ConfigParser
-    from monai.utils import set_determinism
+    This is the project's one trainer. A fresh copy of ``parser``'s config (with every command-line
+    override and ``--tracking`` patch) is parsed with ``overrides`` applied (config id -> value, e.g. a
+    method's ``network_def#name`` and ``network_def#network_kwargs``), ``fold_dir``, ``seed`` and
+    ``run_name`` set and the fold's bags in ``train_bags`` / ``val_bags`` (``bags``: the whole cohort);
+    ``train#trainer`` and ``validate#evaluator`` with all their handlers are instantiated from it and
+    run. Then the weights of the epoch chosen by ``validate#selection`` are restored.
 
+    ``fold_dir`` receives what the handlers write (TensorBoard events, ``checkpoints/``); None = a
+    temporary folder, removed when the fold is done (for runs that keep no fold outputs: the ablation,
+    the transfer). Returns ``(model, history)``: the model in eval mode on the config's device; ``history``
+    is ``{"epochs": [epoch, train_loss, val_loss, val_auc, lr, seconds per epoch], "best_epoch",
+    "best_val_auc", "best_val_loss", "stopped_epoch", "seconds", "network": spec}``.
+    """
     if not train_bags:
         raise ValueError("training needs at least one training bag")
     unlabeled = [b.bag_id for b in list(train_bags) + list(val_bags) if b.label is None]
     if unlabeled:
         raise ValueError(f"bags without a label cannot be used for training: {', '.join(unlabeled[:5])}")
+    if fold_dir is None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="smile_fold_") as scratch:
+            return _train_from_config(parser, train_bags, val_bags, scratch, seed, run_name, bags, overrides)
+    return _train_from_config(parser, train_bags, val_bags, fold_dir, seed, run_name, bags, overrides)
+
+
+def _train_from_config(parser, train_bags, val_bags, fold_dir, seed, run_name, bags, overrides) -> tuple[nn.Module, dict]:
+    from monai.bundle import ConfigParser
+    from monai.handlers import TensorBoardHandler
+    from monai.utils import set_determinism
+
+    from scripts.handlers import EpochHistory
+
     fold = ConfigParser(copy.deepcopy(parser.get()), globals=dict(parser.globals))
+    for key, value in (overrides or {}).items():
+        fold[key] = value
     dim = feature_dim(train_bags)
     configured = fold.get("feature_dim")
     if configured in (None, ""):
@@ -675,20 +602,25 @@ def train_from_config(
     )
     trainer = fold.get_parsed_content("train#trainer")
     evaluator = fold.get_parsed_content("validate#evaluator", default=None)
-    for handler in list(fold.get_parsed_content("validate#handlers", default=None) or []):
+    train_handlers = list(fold.get_parsed_content("train#handlers", default=None) or [])
+    val_handlers = list(fold.get_parsed_content("validate#handlers", default=None) or [])
+    for handler in val_handlers:
         if hasattr(handler, "set_trainer") and getattr(handler, "_handler", True) is None:
             handler.set_trainer(trainer)  # EarlyStopHandler: the evaluator stops the trainer
     start = time.perf_counter()
-    with _quiet_ignite():
-        trainer.run()
+    try:
+        with _quiet_ignite():
+            trainer.run()
+    finally:
+        for handler in train_handlers + val_handlers:
+            if isinstance(handler, TensorBoardHandler):
+                handler.close()  # flush the fold's event file (its folder may be a temporary one)
     model = unwrap(fold.get_parsed_content("train#network"))
     selection = fold.get_parsed_content("validate#selection", default=None)
     if selection is not None and len(val_bags):
         selection.restore()
     model.eval()
-    from scripts.handlers import EpochHistory
-
-    recorder = next((h for h in fold.get_parsed_content("train#handlers") if isinstance(h, EpochHistory)), None)
+    recorder = next((h for h in train_handlers if isinstance(h, EpochHistory)), None)
     rows = list(getattr(recorder, "rows", []))
     best_epoch = int(getattr(selection, "best_epoch", 0) or (rows[-1]["epoch"] if rows else 0))
     best = next((row for row in rows if row["epoch"] == best_epoch), {})
@@ -705,37 +637,58 @@ def train_from_config(
     return model, history
 
 
-def _hyperparameters(parser) -> dict:
+def training_description(parser, overrides: dict | None = None) -> dict:
+    """The training recipe a config gives :func:`train_from_config` (``settings`` of ``summary.json``,
+    ``comparison.json``, ``ablation.json``, ``transfer.json``); ``overrides`` as passed to it."""
     keys = ("epochs", "val_interval", "batch_size", "optimizer_name", "lr", "weight_decay", "patience", "monitor",
             "seed", "num_workers", "num_threads", "feature_dim", "distributed", "feature_norm")
-    out = {k: parser.get(k) for k in keys if k in parser}
-    out["network_def"] = {k: v for k, v in (parser.get("network_def") or {}).items() if not str(k).startswith("_")}
+    out = {k: _plain_setting(parser.get_parsed_content(k)) for k in keys if k in parser}
+    for key, item in (("optimizer", "optimizer"), ("loss_function", "loss")):
+        if item in parser:
+            out[key] = _describe_callable(parser.get_parsed_content(item))
+    network_def = {k: v for k, v in (parser.get("network_def") or {}).items() if not str(k).startswith("_")}
+    for key, value in (overrides or {}).items():
+        if key.startswith("network_def#"):
+            network_def[key.split("#", 1)[1]] = value
+    out["network_def"] = network_def
     out["device"] = str(parser.get_parsed_content("device"))
     return out
 
 
+def _plain_setting(value):
+    return value if value is None or isinstance(value, (bool, int, float, str, list, dict)) else str(value)
+
+
 def config_cross_validation(
     bags: Sequence[Bag], splits: dict, output_dir: str | Path | None = None, n_bootstrap: int = 2000,
-    batch_size: int = 12, parser=None,
+    batch_size: int | None = None, parser=None, overrides: dict | None = None, run_prefix: str = "",
+    keep_models: bool = False,
 ) -> CVResult:
     """Cross-validation whose every fold is trained by ``train.json``'s trainer, evaluator and handlers.
 
-    The loop only hands each fold its bags, folder (``<output_dir>/cv/fold<k>``: TensorBoard events,
-    ``checkpoints/``), seed (``seed + k``) and MLflow run name (``fold<k>``); a handler added or changed in
-    the config therefore runs in every fold. The rest (threshold on the validation bags, test predictions,
-    summary, OOF predictions, ROC plot, fold checkpoints) is :func:`run_cross_validation`.
+    The loop only hands each fold (:func:`train_from_config`) its bags, folder (``<output_dir>/cv/fold<k>``:
+    TensorBoard events, ``checkpoints/``; a temporary folder without ``output_dir``), seed (``seed + k``),
+    MLflow run name (``<run_prefix>fold<k>``) and ``overrides`` (the comparison's method, the ablation's
+    grid cell); a handler added or changed in the config therefore runs in every fold. The rest
+    (threshold on the validation bags, test predictions, summary, OOF predictions, ROC plot, fold
+    checkpoints) is :func:`run_cross_validation`; ``batch_size`` (default: the config's) is its
+    prediction batch, ``keep_models`` keeps the fold models in the result.
     """
     parser = parser or active_config_parser()
     seed = int(parser.get_parsed_content("seed"))
-    layout = OutputLayout(output_dir if output_dir is not None else ".")
+    layout = OutputLayout(output_dir) if output_dir is not None else None
 
     def train_one(k: int, train: list, val: list):
-        return train_from_config(parser, train, val, layout.fold_dir(k), seed + k, run_name=f"fold{k}", bags=bags)
+        return train_from_config(parser, train, val, layout.fold_dir(k) if layout is not None else None, seed + k,
+                                 run_name=f"{run_prefix}fold{k}", bags=bags, overrides=overrides)
 
+    if batch_size is None:
+        batch_size = parser.get_parsed_content("batch_size")
     settings = TrainSettings(batch_size=int(batch_size), seed=seed,
                              feature_norm=check_feature_norm(parser.get("feature_norm", "none")))
     return run_cross_validation(None, bags, splits, settings, output_dir=output_dir, n_bootstrap=n_bootstrap,
-                                keep_models=False, train_one=train_one, settings_description=_hyperparameters(parser))
+                                keep_models=keep_models, train_one=train_one,
+                                settings_description=training_description(parser, overrides))
 
 
 def config_train_all(bags: Sequence[Bag], output_dir: str | Path, parser=None) -> Path:
@@ -803,12 +756,12 @@ def _describe_callable(value) -> Any:
 
 
 def write_history_csv(path: str | Path, history: dict) -> None:
-    """Per-epoch history of :func:`train_fold` as CSV."""
+    """Per-epoch history of :func:`train_from_config` / :func:`train_fold` as CSV."""
     write_csv(path, history["epochs"])
 
 
 __all__ = [
     "TrainSettings", "CVResult", "train_fold", "predict", "run_cross_validation", "ranger", "create_optimizer",
     "build_network", "network_spec", "save_checkpoint", "load_checkpoint", "bag_loader", "train_from_config",
-    "config_cross_validation", "config_train_all", "active_config_parser",
+    "config_cross_validation", "config_train_all", "active_config_parser", "training_parser", "training_description",
 ]  # fmt: skip

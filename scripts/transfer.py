@@ -5,7 +5,10 @@
 For each training centre (the datalist's ``center`` column) and each method of ``transfer_methods``:
 the centre's slides are split by patient (stratified) into training and validation parts; the model is
 trained on the first and its epoch selected on the second (the test centres are never looked at), then
-every other centre is predicted. The diagonal is the centre's own patient-level cross-validation
+every other centre is predicted. Every model, the diagonal's fold models too, is trained by
+``train.json``'s ``train`` / ``validate`` sections with all their handlers
+(:func:`scripts.training.train_from_config`; the method is a config override, the run name
+``<method>/<centre>``, the folder a temporary one: no models are kept). The diagonal is the centre's own patient-level cross-validation
 (pooled out-of-fold AUC, ``transfer_diagonal="cv"``) or ``n/a`` (``"none"``); an ``other centres``
 column scores all other centres together.
 
@@ -27,7 +30,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from scripts.errors import BundleError
-from scripts.feature_norm import fit_feature_norm, standardize_bags
+from scripts.feature_norm import check_feature_norm, fit_feature_norm, standardize_bags
 from scripts.formats.layout import OutputLayout
 from scripts.io_utils import atomic_path, write_csv, write_json
 from scripts.metrics import classification_report, nan_to_none, youden_threshold
@@ -62,7 +65,6 @@ def holdout_split(bags: Sequence[Bag], val_fraction: float = 0.2, seed: int = 0)
 
 def run_transfer(
     bags: Sequence[Bag],
-    settings,
     output_dir: str | Path,
     methods: Sequence[str] = ("smile",),
     method_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
@@ -71,15 +73,20 @@ def run_transfer(
     cv_folds: int = 3,
     seed: int = 0,
     n_bootstrap: int = 2000,
+    parser=None,
 ) -> list[dict]:
-    """Train on each centre, test on the others; write ``<output_dir>/transfer/``; return the matrix rows."""
+    """Train on each centre, test on the others; write ``<output_dir>/transfer/``; return the matrix rows.
+
+    ``seed`` makes the centres' train/validation splits; the models are seeded by the config's ``seed``.
+    ``parser``: the training config (default: the ``monai.bundle`` config being run; from Python e.g.
+    :func:`scripts.training.training_parser`)."""
     from tqdm.auto import tqdm
 
-    from scripts.compare import resolve_methods
-    from scripts.methods import method_factory
-    from scripts.splits import SplitError, make_splits
-    from scripts.training import predict, run_cross_validation, train_fold
+    from scripts.compare import config_parser_for, resolve_methods
+    from scripts.methods import method_config_overrides
+    from scripts.training import predict, train_from_config, training_description
 
+    parser = config_parser_for(parser, output_dir, "run_transfer")
     if diagonal not in ("cv", "none"):
         raise ValueError(f"transfer_diagonal must be 'cv' or 'none'; got {diagonal!r}")
     methods = resolve_methods(methods)
@@ -99,13 +106,16 @@ def run_transfer(
         logger.warning("transfer: %d patient(s) have slides in more than one centre (e.g. %s); a model trained on one of "
                        "their centres scores them in-sample in the others", len(shared), ", ".join(shared[:5]))  # fmt: skip
     out_dir = OutputLayout(output_dir).transfer_dir
+    feature_norm = check_feature_norm(parser.get("feature_norm", "none"))
+    train_seed = int(parser.get_parsed_content("seed"))
+    batch_size = int(parser.get_parsed_content("batch_size"))
     matrix_rows, long_rows, prediction_rows = [], [], []
     jobs = [(m, c) for m in methods for c in centers]
     bar = tqdm(jobs, desc="train centre", unit="model", dynamic_ncols=True)
     for method, train_center in bar:
         bar.set_postfix_str(f"{method} on {train_center}")
         kwargs = dict(method_kwargs.get(method) or {})
-        factory = method_factory(method, network_kwargs=kwargs)
+        overrides = method_config_overrides(method, kwargs, parser.get("network_def"))
         own = by_center[train_center]
         row: dict[str, Any] = {"method": method, "train_center": train_center, "n_train": 0, "n_val": 0}
         start = time.perf_counter()
@@ -114,10 +124,11 @@ def run_transfer(
                 raise TransferError(f"centre {train_center} has slides of one class only")
             train, val = holdout_split(own, val_fraction, seed)
             row["n_train"], row["n_val"] = len(train), len(val)
-            norm = fit_feature_norm(getattr(settings, "feature_norm", "none"), train)  # the training centre's train bags
+            norm = fit_feature_norm(feature_norm, train)  # the training centre's train bags
             train, val = standardize_bags(norm, train, val)
-            model, history = train_fold(factory, train, val, settings, desc=f"{method} {train_center}")
-            val_probs = predict(model, val, settings.eval_batch_size or settings.batch_size) if val else []
+            model, history = train_from_config(parser, train, val, None, train_seed, run_name=f"{method}/{train_center}",
+                                               bags=bags, overrides=overrides)
+            val_probs = predict(model, val, batch_size) if val else []
             threshold = youden_threshold([b.label for b in val], val_probs) if val else 0.5
         except (TransferError, ValueError) as error:
             reason = str(error)
@@ -130,12 +141,12 @@ def run_transfer(
         others: list[tuple[Bag, float]] = []
         for test_center in centers:
             if test_center == train_center:
-                cell = _diagonal(diagonal, factory, own, settings, cv_folds, val_fraction, seed, n_bootstrap,
-                                 make_splits, run_cross_validation, SplitError)  # fmt: skip
+                cell = _diagonal(diagonal, parser, overrides, own, cv_folds, val_fraction, seed, n_bootstrap,
+                                 run_prefix=f"{method}/{train_center}/cv/")
             else:
                 test = by_center[test_center]
                 (scored,) = standardize_bags(norm, test)
-                probs = predict(model, scored, settings.eval_batch_size or settings.batch_size)
+                probs = predict(model, scored, batch_size)
                 others.extend(zip(test, probs))
                 prediction_rows.extend(
                     {"method": method, "train_center": train_center, "test_center": test_center, "slide_id": b.bag_id,
@@ -159,7 +170,9 @@ def run_transfer(
     write_csv(out_dir / "transfer_long.csv", long_rows)
     write_csv(out_dir / "predictions.csv", prediction_rows)
     write_json(out_dir / "transfer.json", {"centers": centers, "methods": methods, "diagonal": diagonal, "rows": matrix_rows,
-                                           "cells": long_rows, "settings": settings.describe()})  # fmt: skip
+                                           "cells": long_rows,
+                                           "settings": {k: v for k, v in training_description(parser).items()
+                                                        if k != "network_def"}})  # fmt: skip
     plot_transfer(matrix_rows, centers, methods, out_dir / "transfer.png", diagonal)
     logger.info("transfer matrix written to %s", out_dir / "transfer.csv")
     return matrix_rows
@@ -185,7 +198,12 @@ def _score(labels, probs, threshold: float, n_bootstrap: int, patients=None) -> 
     }  # fmt: skip
 
 
-def _diagonal(diagonal, factory, own, settings, cv_folds, val_fraction, seed, n_bootstrap, make_splits, run_cv, split_error) -> dict:
+def _diagonal(diagonal, parser, overrides, own, cv_folds, val_fraction, seed, n_bootstrap, run_prefix="") -> dict:
+    """The training centre's own patient-level cross-validation (pooled out-of-fold), each fold trained by
+    the config (:func:`scripts.training.config_cross_validation`, with the run's feature standardisation)."""
+    from scripts.splits import SplitError, make_splits
+    from scripts.training import config_cross_validation
+
     if diagonal == "none":
         return {"auc": None, "n": len(own), "note": "n/a (within-centre; transfer_diagonal=none)"}
     n_patients = len({b.patient_id for b in own})
@@ -198,11 +216,12 @@ def _diagonal(diagonal, factory, own, settings, cv_folds, val_fraction, seed, n_
                 warnings.simplefilter("ignore", UserWarning)
                 splits = make_splits(own, n_folds=folds, val_fraction=fraction, seed=seed)
             break
-        except (split_error, ValueError) as error:
+        except (SplitError, ValueError) as error:
             reason = str(error).splitlines()[0]
     if splits is None:
         return {"auc": None, "n": len(own), "note": f"n/a: within-centre CV impossible ({reason})"}
-    result = run_cv(factory, own, splits, settings, output_dir=None, n_bootstrap=n_bootstrap, keep_models=False)
+    result = config_cross_validation(own, splits, output_dir=None, n_bootstrap=n_bootstrap, parser=parser,
+                                     overrides=overrides, run_prefix=run_prefix)
     pooled = result.summary["pooled"]
     ci = pooled.get("auc_ci") or [None, None]
     return {

@@ -195,7 +195,8 @@ def test_paired_tests_and_holm():
 
 def test_compare_json_is_an_overlay_on_train_json(bundle_root):
     """compare.json holds only what comparison adds or changes; the training recipe, splits and paths come from
-    train.json, so one override there reaches every method, grid cell and transfer model."""
+    train.json, so one override there reaches every method, grid cell and transfer model (they are trained by
+    train.json's own train/validate sections: tests/test_one_trainer.py)."""
     from monai.bundle import ConfigParser
 
     train = json.loads((bundle_root / "configs" / "train.json").read_text())
@@ -204,14 +205,17 @@ def test_compare_json_is_an_overlay_on_train_json(bundle_root):
     assert not repeated, f"compare.json repeats train.json: {repeated}"
     recipe = {"bundle_root", "datalist", "output_dir", "features_dir", "splits", "device", "n_folds", "val_fraction",
               "seed", "epochs", "batch_size", "optimizer_name", "lr", "weight_decay", "patience", "monitor",
-              "num_workers", "num_threads", "n_bootstrap", "optimizer", "loss", "train_settings", "cv_splits"}  # fmt: skip
+              "num_workers", "num_threads", "n_bootstrap", "optimizer", "loss", "cv_splits", "train", "validate"}  # fmt: skip
     assert not recipe & set(overlay), recipe & set(overlay)
     parser = ConfigParser()
     parser.read_config([str(bundle_root / "configs" / "train.json"), str(bundle_root / "configs" / "compare.json")])
     parser["lr"], parser["epochs"], parser["data"] = 0.0123, 7, "musk1.npz"  # as --lr / --epochs / --data would
     for key in ("comparison", "ablation_grid", "transfer_matrix"):
-        settings = parser.get_parsed_content(key).keywords["settings"]
-        assert settings.epochs == 7 and settings.optimizer.keywords["lr"] == 0.0123 and settings.progress is False
+        assert "settings" not in parser.get_parsed_content(key).keywords  # no second copy of the recipe
+    from scripts.training import training_description
+
+    recipe = training_description(parser)  # what every fold of them is trained with, and reports
+    assert recipe["epochs"] == 7 and recipe["optimizer"]["lr"] == 0.0123 and recipe["feature_norm"] == "standardize"
     assert parser["run"] == "@comparing" and parser["bags"]["_target_"] == "scripts.compare.load_bags"
     assert parser["training"] == train["training"]  # train.json's own workflows stay reachable
 

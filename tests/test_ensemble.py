@@ -23,7 +23,7 @@ from scripts.training import TrainSettings, run_cross_validation
 
 DIM = 24
 NET = dict(in_dim=DIM, embed_dim=16, attention_dim=8)
-FAST = dict(epochs=3, lr=1e-3, batch_size=4, patience=0, num_threads=1, progress=False)
+FAST = dict(epochs=3, lr=1e-3, batch_size=4, patience=0, num_threads=1)
 
 
 def _cohort(folder, prefix, n_patients, seed):

@@ -59,7 +59,7 @@ def test_no_test_fold_statistic_enters_the_fit_and_evaluation_reapplies_it(tmp_p
     own mean and std. The fold ensemble then scores a bag exactly as the trained model saw it."""
     bags = offset_cohort()
     splits = make_splits(bags, n_folds=3, val_fraction=0.25, seed=0)
-    settings = TrainSettings(epochs=3, batch_size=4, lr=1e-3, patience=0, num_threads=1, progress=False,
+    settings = TrainSettings(epochs=3, batch_size=4, lr=1e-3, patience=0, num_threads=1,
                              feature_norm="standardize", device="cpu")
     test0 = set(splits["folds"][0]["test"])
     shifted = [Bag(b.bag_id, b.label, b.patient_id, b.center, features=b.features + 1000.0) if b.bag_id in test0 else b
@@ -93,7 +93,7 @@ def test_standardising_lets_an_unnormalised_baseline_learn(tmp_path):
     splits = make_splits(bags, n_folds=4, val_fraction=0.25, seed=0)
     aucs = {}
     for norm in ("none", "standardize"):
-        settings = TrainSettings(epochs=20, batch_size=4, lr=1e-3, patience=0, num_threads=1, progress=False,
+        settings = TrainSettings(epochs=20, batch_size=4, lr=1e-3, patience=0, num_threads=1,
                                  feature_norm=norm, device="cpu", seed=0)
         result = run_cross_validation(method_factory("abmil"), bags, splits, settings, output_dir=None, n_bootstrap=50)
         assert result.summary["feature_norm"] == norm

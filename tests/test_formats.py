@@ -208,7 +208,7 @@ def _train(datalist, out):
     bags = bags_from_datalist(datalist)
     splits = make_splits(bags, n_folds=3, seed=0)
     run_cross_validation(functools.partial(build_mil_network, "smile", embed_dim=16, attention_dim=8), bags, splits,
-                         TrainSettings(epochs=2, lr=1e-3, batch_size=4, patience=0, num_threads=1, progress=False),
+                         TrainSettings(epochs=2, lr=1e-3, batch_size=4, patience=0, num_threads=1),
                          output_dir=out, n_bootstrap=20)
     return bags
 

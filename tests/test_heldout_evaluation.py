@@ -17,7 +17,7 @@ from scripts.networks import build_mil_network
 from scripts.splits import make_splits
 from scripts.training import TrainSettings, load_checkpoint, run_cross_validation
 
-FAST = dict(epochs=2, lr=1e-3, batch_size=4, patience=0, num_threads=1, progress=False)
+FAST = dict(epochs=2, lr=1e-3, batch_size=4, patience=0, num_threads=1)
 FACTORY = functools.partial(build_mil_network, "mean_pool")
 
 

@@ -29,7 +29,7 @@ from scripts.splits import make_splits
 from scripts.training import TrainSettings, run_cross_validation
 
 DIM = 8
-FAST = dict(epochs=1, lr=1e-3, batch_size=4, patience=0, num_threads=1, progress=False)
+FAST = dict(epochs=1, lr=1e-3, batch_size=4, patience=0, num_threads=1)
 COLUMNS = ["slide_id", "path", "label", "patient_id", "center", "features"]
 
 

@@ -246,24 +246,22 @@ def _feature_cohort(root, n_slides=24, dim=8, seed=0):
 
 def test_compare_and_evaluate_write_localisation(tmp_path):
     """Out-of-fold attention per method in the comparison, fold-ensemble attention in evaluation."""
-    import functools
-
     from scripts.compare import compare_methods, load_bags
     from scripts.datalist import annotation_paths
     from scripts.evaluate import evaluate_cohort
     from scripts.splits import make_splits
-    from scripts.training import TrainSettings, create_optimizer
+    from scripts.training import training_parser
 
     datalist = _feature_cohort(tmp_path)
     bags = load_bags(datalist, tmp_path / "features")
     annotations = annotation_paths(datalist)
     assert len(annotations) == 24
     splits = make_splits(bags, n_folds=3, seed=0)
-    settings = TrainSettings(epochs=30, batch_size=4, optimizer=functools.partial(create_optimizer, name="adam", lr=2e-3),
-                             progress=False, device="cpu", num_threads=1, patience=0)
-    comparison = compare_methods(bags, splits, settings, tmp_path / "out", methods=["smile", "mean_pool"],
+    parser = training_parser({"epochs": 30, "batch_size": 4, "optimizer_name": "adam", "lr": 2e-3,
+                              "device": "$torch.device('cpu')", "num_threads": 1, "patience": 0})
+    comparison = compare_methods(bags, splits, tmp_path / "out", methods=["smile", "mean_pool"],
                                  method_kwargs={"smile": {"embed_dim": 16, "attention_dim": 8}},
-                                 n_bootstrap=100, paired_bootstrap=100, annotations=annotations, top_k=2)
+                                 n_bootstrap=100, paired_bootstrap=100, annotations=annotations, top_k=2, parser=parser)
     rows = {r["method"]: r for r in comparison["rows"]}
     assert rows["smile"]["localisation_slides"] == 12
     assert rows["smile"]["pooled_auc"] > 0.9  # learnt, and the attention finds the annotated patches:

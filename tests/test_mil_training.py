@@ -43,7 +43,7 @@ def make_cohort(root, n_slides=30, n_patients=20, missing=("s29",), seed=0, pref
     return root / "datalist.csv", root / "out"
 
 
-FAST = dict(lr=1e-3, batch_size=4, patience=0, num_threads=1, progress=False)
+FAST = dict(lr=1e-3, batch_size=4, patience=0, num_threads=1)
 
 
 def test_bags_skip_missing_features_and_read_formats(tmp_path, caplog):

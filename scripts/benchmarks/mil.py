@@ -99,7 +99,7 @@ def run_benchmark(
 
     settings = TrainSettings(
         epochs=epochs, batch_size=batch_size, optimizer=adam, monitor="loss", patience=patience,
-        device="cpu", progress=False, num_threads=num_threads, eval_batch_size=64,
+        device="cpu", num_threads=num_threads, eval_batch_size=64,
     )  # fmt: skip
     start = time.perf_counter()
     repeat_acc, repeat_auc, fold_acc, fold_auc, epochs_run = [], [], [], [], []

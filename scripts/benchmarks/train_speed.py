@@ -36,7 +36,7 @@ def measure(device: str, bags: list[Bag], method: str, batch_size: int, threads:
         torch.set_num_threads(int(threads))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    settings = TrainSettings(epochs=1, batch_size=batch_size, device=device, progress=True, patience=0, num_workers=0)
+    settings = TrainSettings(epochs=1, batch_size=batch_size, device=device, patience=0, num_workers=0)
     model, history = train_fold(functools.partial(build_mil_network, method), bags, [], settings, desc=f"{method} on {device}")
     if device.startswith("cuda"):
         torch.cuda.synchronize()
