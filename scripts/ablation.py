@@ -58,9 +58,8 @@ def run_ablation(
     :func:`scripts.training.training_parser`)."""
     from tqdm.auto import tqdm
 
-    from scripts.compare import config_parser_for
     from scripts.methods import method_config_overrides
-    from scripts.training import config_cross_validation, training_description
+    from scripts.training import config_cross_validation, config_parser_for, training_description
 
     parser = config_parser_for(parser, output_dir, "run_ablation")
     thresholds = [float(t) for t in thresholds]

@@ -52,16 +52,14 @@ from scripts.formats.layout import OutputLayout
 from scripts.io_utils import atomic_path, write_csv, write_json
 from scripts.metrics import nan_to_none, plot_roc
 from scripts.metrics.paired import delong_test, paired_bootstrap_auc
+from scripts.methods import DEFAULT_METHODS, resolve_methods  # noqa: F401 - resolve_methods re-exported
 from scripts.mil_data import Bag, BagList, bags_from_datalist, bags_from_npz, feature_shape
 from scripts.pooled_baseline import DESCRIPTION as FLOOR_DESCRIPTION
 from scripts.pooled_baseline import FLOOR_NAME, pooled_cross_validation
+from scripts.training import config_parser_for  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_METHODS = (
-    "smile", "smile_adaptive", "abmil", "abmil_gated", "clam_sb", "clam_mb", "transmil", "dsmil", "dtfd", "acmil",
-    "mean_pool", "max_pool",
-)  # fmt: skip
 CACHE_LIMIT_BYTES = 2 * 1024**3
 PAIRED_TEST = (
     "patient-cluster paired bootstrap of the pooled out-of-fold AUC difference (per-slide AUC; patients resampled "
@@ -120,20 +118,6 @@ def load_bags(
 # ----------------------------------------------------------------------------------------------- settings
 
 
-def config_parser_for(parser, output_dir, stage: str):
-    """The training config of a comparison / ablation / transfer run: ``parser`` or the one evaluating the
-    current config expression (:func:`scripts.training.active_config_parser`). A first positional argument
-    that is not a folder gets a clear error (these functions used to take a ``TrainSettings`` there)."""
-    import os
-
-    from scripts.training import active_config_parser
-
-    if not isinstance(output_dir, (str, os.PathLike)):
-        raise TypeError(f"{stage}: output_dir must be a folder, got {type(output_dir).__name__}; the training settings "
-                        "come from the config (parser=scripts.training.training_parser({...}) from Python)")
-    return parser if parser is not None else active_config_parser()
-
-
 def as_bool(value: Any, name: str) -> bool:
     """A flag given in a config or on the command line (``true``/``false`` arrive as strings)."""
     if isinstance(value, str):
@@ -141,26 +125,6 @@ def as_bool(value: Any, name: str) -> bool:
             raise ValueError(f"{name} must be true or false; got {value!r}")
         return value.strip().lower() in ("true", "1", "yes")
     return bool(value)
-
-
-def resolve_methods(methods: Sequence[str] | str) -> list[str]:
-    """Method names as a checked list (a comma-separated string is accepted); ``"all"`` = every
-    registered method (:data:`DEFAULT_METHODS` order first)."""
-    from scripts.methods import available_methods
-
-    if isinstance(methods, str):
-        if methods.strip() == "all":
-            methods = [m for m in DEFAULT_METHODS if m in available_methods()]
-            methods += [m for m in available_methods() if m not in methods]
-        else:
-            methods = [m.strip() for m in methods.split(",") if m.strip()]
-    methods = list(dict.fromkeys(methods))
-    if not methods:
-        raise ValueError("no methods to compare; e.g. --methods \"['smile','abmil_gated']\"")
-    unknown = [m for m in methods if m not in available_methods()]
-    if unknown:
-        raise KeyError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(available_methods())}")
-    return methods
 
 
 # ----------------------------------------------------------------------------------------------- comparison

@@ -28,13 +28,20 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from torch import nn
 
 # Deliberate per-method changes of a network's constructor defaults (name -> kwargs). Empty: each
 # network's defaults are its paper's values (docs/baselines.md).
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {}
+
+
+# the comparison's default order (scripts.compare)
+DEFAULT_METHODS = (
+    "smile", "smile_adaptive", "abmil", "abmil_gated", "clam_sb", "clam_mb", "transmil", "dsmil", "dtfd", "acmil",
+    "mean_pool", "max_pool",
+)  # fmt: skip
 
 
 def available_methods() -> list[str]:
@@ -157,7 +164,26 @@ def _network_class(name: str) -> type[nn.Module]:
     return MIL_NETWORKS[name]
 
 
+def resolve_methods(methods: Sequence[str] | str) -> list[str]:
+    """Method names as a checked list (a comma-separated string is accepted); ``"all"`` = every
+    registered method (:data:`DEFAULT_METHODS` order first)."""
+    if isinstance(methods, str):
+        if methods.strip() == "all":
+            methods = [m for m in DEFAULT_METHODS if m in available_methods()]
+            methods += [m for m in available_methods() if m not in methods]
+        else:
+            methods = [m.strip() for m in methods.split(",") if m.strip()]
+    methods = list(dict.fromkeys(methods))
+    if not methods:
+        raise ValueError("no methods to compare; e.g. --methods \"['smile','abmil_gated']\"")
+    unknown = [m for m in methods if m not in available_methods()]
+    if unknown:
+        raise KeyError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(available_methods())}")
+    return methods
+
+
 __all__ = [
+    "DEFAULT_METHODS", "resolve_methods",
     "METHOD_DEFAULTS", "available_methods", "method_arguments", "resolve_method_kwargs", "build_method",
     "build_bag_classifier", "method_factory", "method_config_overrides", "count_parameters",
 ]  # fmt: skip

@@ -540,6 +540,18 @@ def training_parser(overrides: dict | None = None, config_file: str | Path | Seq
     return parser
 
 
+def config_parser_for(parser, output_dir, stage: str):
+    """The training config of a comparison / ablation / transfer run: ``parser`` or the one evaluating the
+    current config expression (:func:`scripts.training.active_config_parser`). A first positional argument
+    that is not a folder gets a clear error (these functions used to take a ``TrainSettings`` there)."""
+    import os
+
+    if not isinstance(output_dir, (str, os.PathLike)):
+        raise TypeError(f"{stage}: output_dir must be a folder, got {type(output_dir).__name__}; the training settings "
+                        "come from the config (parser=scripts.training.training_parser({...}) from Python)")
+    return parser if parser is not None else active_config_parser()
+
+
 def train_from_config(
     parser, train_bags: Sequence[Bag], val_bags: Sequence[Bag], fold_dir: str | Path | None = None, seed: int = 0,
     run_name: str | None = None, bags: Sequence[Bag] | None = None, overrides: dict | None = None,

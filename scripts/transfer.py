@@ -82,9 +82,8 @@ def run_transfer(
     :func:`scripts.training.training_parser`)."""
     from tqdm.auto import tqdm
 
-    from scripts.compare import config_parser_for, resolve_methods
-    from scripts.methods import method_config_overrides
-    from scripts.training import predict, train_from_config, training_description
+    from scripts.methods import method_config_overrides, resolve_methods
+    from scripts.training import config_parser_for, predict, train_from_config, training_description
 
     parser = config_parser_for(parser, output_dir, "run_transfer")
     if diagonal not in ("cv", "none"):
