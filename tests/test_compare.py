@@ -19,8 +19,9 @@ from scripts.methods import available_methods, build_method, method_arguments, r
 DIM = 32
 
 
-def make_cohort(root, n_slides=30, n_patients=20, dim=DIM, seed=0):
-    """Feature files + datalist: 3 centres; positive slides hide 2 shifted instances among 10-18 noise ones."""
+def make_cohort(root, n_slides=30, n_patients=20, dim=DIM, seed=0, n_centers=3):
+    """Feature files + datalist: ``n_centers`` centres (A, B, ...); positive slides hide 2 shifted instances
+    among 10-18 noise ones."""
     rng = np.random.default_rng(seed)
     features = root / "out" / "features"
     features.mkdir(parents=True, exist_ok=True)
@@ -35,7 +36,7 @@ def make_cohort(root, n_slides=30, n_patients=20, dim=DIM, seed=0):
             x[rng.choice(len(x), 2, replace=False)] += direction
         with h5py.File(features / f"s{i:02d}.h5", "w") as handle:
             handle["features"] = x
-        rows.append(f"s{i:02d},slides/s{i:02d}.tif,{label},p{patient:02d},c{'ABC'[(patient // 2) % 3]}")
+        rows.append(f"s{i:02d},slides/s{i:02d}.tif,{label},p{patient:02d},c{'ABCDEFGH'[(patient // 2) % n_centers]}")
     (root / "datalist.csv").write_text("\n".join(rows) + "\n")
     return root / "datalist.csv", root / "out"
 

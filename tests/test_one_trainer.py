@@ -12,11 +12,10 @@ import subprocess
 import sys
 import textwrap
 
-import h5py
-import numpy as np
 import pytest
 
 from scripts.methods import method_config_overrides
+from test_compare import make_cohort  # noqa: E402 (the comparison tests' synthetic cohort)
 
 DIM = 16
 EPOCHS = 3
@@ -48,24 +47,8 @@ COUNTER = textwrap.dedent('''
 
 
 def two_centre_cohort(root, n_slides=24, n_patients=16, seed=0):
-    """Feature files + datalist: 2 centres of 8 patients (half positive); positives hide 2 shifted instances."""
-    rng = np.random.default_rng(seed)
-    features = root / "out" / "features"
-    features.mkdir(parents=True, exist_ok=True)
-    direction = rng.normal(size=DIM)
-    direction *= 4.0 / np.linalg.norm(direction)
-    rows = ["slide_id,path,label,patient_id,center"]
-    for i in range(n_slides):
-        patient = i % n_patients
-        label = patient % 2
-        x = rng.normal(size=(int(rng.integers(10, 18)), DIM)).astype(np.float32)
-        if label:
-            x[rng.choice(len(x), 2, replace=False)] += direction
-        with h5py.File(features / f"s{i:02d}.h5", "w") as handle:
-            handle["features"] = x
-        rows.append(f"s{i:02d},slides/s{i:02d}.tif,{label},p{patient:02d},c{'AB'[(patient // 2) % 2]}")
-    (root / "datalist.csv").write_text("\n".join(rows) + "\n")
-    return root / "datalist.csv", root / "out"
+    """The comparison tests' cohort with 2 centres of 8 patients (half positive)."""
+    return make_cohort(root, n_slides=n_slides, n_patients=n_patients, dim=DIM, seed=seed, n_centers=2)
 
 
 def read_csv(path):
