@@ -397,13 +397,15 @@ def tier_outlines(
     if region is not None:
         x, y, width, height = (float(v) for v in region)
         inside = (coords[:, 0] >= x) & (coords[:, 0] < x + width) & (coords[:, 1] >= y) & (coords[:, 1] < y + height)
-    boxes = shapely.box(coords[:, 0], coords[:, 1], coords[:, 0] + patch_size_level0, coords[:, 1] + patch_size_level0)
+    # only the region's patches are drawn (a viewer asks tile by tile); their tiers use the whole slide's ranks
+    corners = coords[inside]
+    boxes = shapely.box(corners[:, 0], corners[:, 1], corners[:, 0] + patch_size_level0, corners[:, 1] + patch_size_level0)
     if slide_size is not None:
         boxes = shapely.intersection(boxes, shapely.box(0, 0, float(slide_size[0]), float(slide_size[1])))
-    tiers = np.array([attention_tier(p)[0] for p in percentiles])
+    tiers = np.array([attention_tier(p)[0] for p in percentiles[inside]])
     outlines = []
     for _, name, colour in ATTENTION_TIERS:
-        chosen = inside & (tiers == name)
+        chosen = tiers == name
         if not chosen.any():
             continue
         merged = unary_union(boxes[chosen])
