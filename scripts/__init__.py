@@ -6,13 +6,13 @@ bundles expect; ``python -m monai.bundle run`` from the bundle root does that.
 
 import os
 
-from scripts.quiet import quiet_native_libraries
+from scripts.utils.quiet import quiet_native_libraries
 
 # experiment tracking (--tracking mlflow) writes a local store only: no usage telemetry leaves the machine
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 quiet_native_libraries()
 
-from scripts.errors import install_excepthook
+from scripts.utils.errors import install_excepthook
 
 install_excepthook()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts.attention_outputs import (
+from scripts.formats.attention_outputs import (
     percentile_rank,
     read_attention_h5,
     score_canvas,
@@ -100,7 +100,7 @@ def test_all_outputs_on_real_slide(cmu, tmp_path):
 
 def test_heatmap_marks_the_attended_region(tmp_path):
     """A block of high attention in the top-left quarter shows as hot pixels there and nowhere else."""
-    from scripts.attention_outputs import write_heatmap_png
+    from scripts.formats.attention_outputs import write_heatmap_png
 
     thumb = np.full((200, 200, 3), 230, np.uint8)
     xs, ys = np.meshgrid(np.arange(0, 2000, 100), np.arange(0, 2000, 100))
@@ -131,7 +131,7 @@ def test_bad_inputs_are_named(tmp_path):
 
 def test_heatmap_draws_annotation_outlines_where_they_are(tmp_path):
     """An annotation square drawn over a uniform heat map: its black outline lands at the square's place."""
-    from scripts.attention_outputs import annotation_outlines, write_heatmap_png
+    from scripts.formats.attention_outputs import annotation_outlines, write_heatmap_png
     from scripts.formats.annotations import polygon_annotation
 
     thumb = np.full((200, 200, 3), 255, np.uint8)
@@ -158,7 +158,7 @@ def test_tier_outlines_merge_each_tier_without_holes():
     than patches come back; a region keeps only the patches whose corner lies in it, ranked over the slide."""
     import shapely
 
-    from scripts.attention_outputs import attention_tier, percentile_rank, tier_outlines
+    from scripts.formats.attention_outputs import attention_tier, percentile_rank, tier_outlines
 
     side = 256
     xs, ys = np.meshgrid(np.arange(6) * side, np.arange(6) * side)

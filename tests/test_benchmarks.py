@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from scripts.benchmarks.mil import run_benchmark, standardized
-from scripts.mil_data import Bag
+from scripts.data.bags import Bag
 
 
 @pytest.mark.slow

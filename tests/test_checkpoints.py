@@ -10,18 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.errors import BundleError
+from scripts.utils.errors import BundleError
 from scripts.formats.checkpoints import (
     CheckpointError,
     UntrustedCheckpointError,
-    build_from_checkpoint,
     load_into_network,
     read_checkpoint,
     resolve_checkpoints,
     save_checkpoint,
     trust_requested,
 )
-from scripts.methods import build_method
+from scripts.networks.methods import build_from_checkpoint, build_method, network_spec
 from scripts.networks.bag_classifier import BagClassifier
 
 
@@ -64,7 +63,7 @@ def test_refusal_from_the_command_line_and_override(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "SMILE_TRUST_CHECKPOINT"}
     env["PYTHONPATH"] = str(root)
-    cmd = [sys.executable, "-m", "scripts.publish_model", "--checkpoint", str(path), "--out", str(tmp_path / "m.pt")]
+    cmd = [sys.executable, "-m", "scripts.workflows.publish_model", "--checkpoint", str(path), "--out", str(tmp_path / "m.pt")]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "refused to load checkpoint" in proc.stderr and str(path) in proc.stderr and "Traceback" not in proc.stderr
@@ -75,7 +74,7 @@ def test_refusal_from_the_command_line_and_override(tmp_path):
 def test_fold_checkpoint_round_trip_is_weights_only(tmp_path):
     model = build_method("smile", in_dim=8, factor=0.3).eval()
     path = save_checkpoint(tmp_path / "fold0" / "model.pt", model, metadata={"encoder": "ctranspath", "ids": ("a", "b")},
-                           fold=0, threshold=0.4)
+                           network=network_spec(model), fold=0, threshold=0.4)
     raw = torch.load(path, weights_only=True)  # plain containers only
     assert raw["metadata"] == {"encoder": "ctranspath", "ids": ["a", "b"]} and raw["threshold"] == 0.4
     again, checkpoint = build_from_checkpoint(path)

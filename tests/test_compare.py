@@ -1,6 +1,6 @@
 """Method comparison, SMILE ablation and cross-centre transfer (configs/compare.json, an overlay on
 configs/train.json), and the one-switch
-method builder (scripts/methods.py) used by configs/train.json."""
+method builder (scripts/networks/methods.py) used by configs/train.json."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import h5py
 import numpy as np
 import pytest
 
-from scripts.compare import holm, merge_predictions, paired_tests
-from scripts.methods import available_methods, build_method, method_arguments, resolve_method_kwargs
+from scripts.experiments.compare import holm, merge_predictions, paired_tests
+from scripts.networks.methods import available_methods, build_method, method_arguments, resolve_method_kwargs
 
 DIM = 32
 
@@ -213,11 +213,11 @@ def test_compare_json_is_an_overlay_on_train_json(bundle_root):
     parser["lr"], parser["epochs"], parser["data"] = 0.0123, 7, "musk1.npz"  # as --lr / --epochs / --data would
     for key in ("comparison", "ablation_grid", "transfer_matrix"):
         assert "settings" not in parser.get_parsed_content(key).keywords  # no second copy of the recipe
-    from scripts.training import training_description
+    from scripts.workflows.training import training_description
 
     recipe = training_description(parser)  # what every fold of them is trained with, and reports
     assert recipe["epochs"] == 7 and recipe["optimizer"]["lr"] == 0.0123 and recipe["feature_norm"] == "standardize"
-    assert parser["run"] == "@comparing" and parser["bags"]["_target_"] == "scripts.compare.load_bags"
+    assert parser["run"] == "@comparing" and parser["bags"]["_target_"] == "scripts.experiments.compare.load_bags"
     assert parser["training"] == train["training"]  # train.json's own workflows stay reachable
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scripts.datalist import DatalistError, load_datalist
+from scripts.data.datalist import DatalistError, load_datalist
 
 
 def _write(tmp_path, text, touch=("a.tiff", "b.tiff", "c.tiff")):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from scripts.datalist import load_datalist
-from scripts.demo_cohort import LEVEL0_MPP, make_demo_cohort, plan_cohort
+from scripts.data.datalist import load_datalist
+from scripts.demo.cohort import LEVEL0_MPP, make_demo_cohort, plan_cohort
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_cuCIM_and_openslide_see_the_resolution(small_cohort):
     slide = openslide.OpenSlide(path)
     assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.25)
     assert slide.level_count == 4
-    from scripts.quiet import native_stderr_silenced
+    from scripts.utils.quiet import native_stderr_silenced
 
     with native_stderr_silenced():
         from cucim import CuImage
@@ -97,7 +97,7 @@ def test_lesions_are_annotated_and_only_in_positives(small_cohort):
 def test_planted_lesions_match_their_annotations_and_stay_sparse():
     """At the demo's slide size: every annotation (level-0 px) covers the tumour cells drawn (drawing px x 2),
     lesions sit inside single patches of the default grid, and touch at most 10% of the tissue patches."""
-    from scripts.demo_cohort import DEFAULT_SIZE_UM, WORK_MPP, draw_slide, lesion_cells
+    from scripts.demo.cohort import DEFAULT_SIZE_UM, WORK_MPP, draw_slide, lesion_cells
     from scripts.formats.annotations import polygon_annotation
     from scripts.metrics.localisation import patch_overlap
 

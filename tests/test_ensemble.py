@@ -1,4 +1,4 @@
-"""scripts.ensemble.FoldEnsemble: evaluation and inference load a cv/ folder through it and report the same
+"""scripts.engines.ensemble.FoldEnsemble: evaluation and inference load a cv/ folder through it and report the same
 operating threshold and the same probabilities on the same checkpoints and slides."""
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.ensemble import ENSEMBLE_THRESHOLD_RULE, THRESHOLD_FALLBACK, FoldEnsemble
-from scripts.evaluate import evaluate_cohort
-from scripts.inference import SlideDataset, SlideInference
-from scripts.mil_data import bags_from_datalist
+from scripts.engines.ensemble import ENSEMBLE_THRESHOLD_RULE, THRESHOLD_FALLBACK, FoldEnsemble
+from scripts.workflows.evaluate import evaluate_cohort
+from scripts.workflows.inference import SlideDataset, SlideInference
+from scripts.data.bags import bags_from_datalist
 from scripts.networks import build_mil_network
 from scripts.networks.bag_classifier import BagClassifier
-from scripts.predict import SlidePredictor
-from scripts.splits import make_splits
-from scripts.training import TrainSettings, run_cross_validation
+from scripts.workflows.predict import SlidePredictor
+from scripts.data.splits import make_splits
+from scripts.workflows.training import TrainSettings, run_cross_validation
 
 DIM = 24
 NET = dict(in_dim=DIM, embed_dim=16, attention_dim=8)

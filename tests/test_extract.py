@@ -18,7 +18,7 @@ import pytest
 import tifffile
 import torch
 
-from scripts.extract import FeatureExtractionWorkflow, read_patch_file
+from scripts.workflows.extract import FeatureExtractionWorkflow, read_patch_file
 from scripts.networks.encoders import build_encoder
 from scripts.wsi.open import open_slide
 from scripts.wsi.patches import iter_patch_batches, resize_rgb
@@ -212,7 +212,7 @@ def test_slide_that_crashes_cucim_is_read_by_a_fallback(shared_slides, tmp_path,
     assert (patches[0, 250:] == 255).all() and (patches[2, 240:] == 255).all() and not (patches[1] == 255).all()
     np.testing.assert_allclose(got, encoder(torch.from_numpy(patches)).numpy(), atol=1e-4)
     # cuCIM alone: a failed row that says why, not a dead process
-    from scripts.errors import AllSlidesFailedError
+    from scripts.utils.errors import AllSlidesFailedError
 
     with pytest.raises(AllSlidesFailedError, match="every slide failed") as raised:  # its only slide: non-zero exit
         run_workflow(datalist, tmp_path / "out", encoder, reader_backend="cucim", overwrite=True)
@@ -382,8 +382,8 @@ def test_clam_coordinate_file_is_read(tmp_path):
 
 def test_extract_slide_is_the_workflows_per_slide_stage(tmp_path, encoder):
     """The public per-slide function gives the workflow's features, resumes, and reports a bad slide as a row."""
-    from scripts.datalist import load_datalist
-    from scripts.extract import extract_slide
+    from scripts.data.datalist import load_datalist
+    from scripts.workflows.extract import extract_slide
 
     datalist, out = make_cohort(tmp_path, 2)
     record = load_datalist(datalist, require_labels=False)[0]

@@ -57,7 +57,7 @@ def test_inference_features_use_the_extraction_precision(tmp_path):
     declared encoder preprocessing is the one used)."""
     from monai.bundle import ConfigParser
 
-    from scripts.datalist import load_datalist
+    from scripts.data.datalist import load_datalist
 
     datalist, out = make_cohort(tmp_path, 1)
     parser = ConfigParser()

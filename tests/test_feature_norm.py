@@ -1,4 +1,4 @@
-"""Per-fold feature standardisation (scripts.feature_norm): fitted on the fold's training bags only, stored
+"""Per-fold feature standardisation (scripts.data.feature_norm): fitted on the fold's training bags only, stored
 in the fold checkpoint, re-applied by the fold ensemble (evaluation and inference)."""
 
 from __future__ import annotations
@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.ensemble import FoldEnsemble
-from scripts.feature_norm import FeatureStandardizer, StandardizedBag, check_feature_norm
+from scripts.engines.ensemble import FoldEnsemble
+from scripts.data.feature_norm import FeatureStandardizer, StandardizedBag, check_feature_norm
 from scripts.formats.checkpoints import read_checkpoint, resolve_checkpoints
-from scripts.methods import method_factory
-from scripts.mil_data import Bag
-from scripts.splits import make_splits
-from scripts.training import TrainSettings, predict, run_cross_validation
+from scripts.networks.methods import method_factory
+from scripts.data.bags import Bag
+from scripts.data.splits import make_splits
+from scripts.engines.mil import predict
+from scripts.workflows.training import TrainSettings, run_cross_validation
 
 DIM = 16
 

@@ -200,10 +200,10 @@ def _write_datalist(path: Path, rows):
 
 
 def _train(datalist, out):
-    from scripts.mil_data import bags_from_datalist
+    from scripts.data.bags import bags_from_datalist
     from scripts.networks import build_mil_network
-    from scripts.splits import make_splits
-    from scripts.training import TrainSettings, run_cross_validation
+    from scripts.data.splits import make_splits
+    from scripts.workflows.training import TrainSettings, run_cross_validation
 
     bags = bags_from_datalist(datalist)
     splits = make_splits(bags, n_folds=3, seed=0)
@@ -227,7 +227,7 @@ def test_training_on_clam_and_trident_files_records_what_it_was_trained_on(tmp_p
 
 def test_training_refuses_mixed_encoders_and_scales(tmp_path):
     from scripts.formats.feature_file import FeatureMismatchError
-    from scripts.mil_data import bags_from_datalist
+    from scripts.data.bags import bags_from_datalist
 
     rows = _cohort(tmp_path, "trident", n=6) + _cohort(tmp_path, "trident", n=6, encoder="uni_v1", start=6)
     with pytest.raises(FeatureMismatchError, match="mixes encoders.*ctranspath.*uni_v1"):
@@ -249,9 +249,9 @@ def trident_models(tmp_path_factory):
 def test_inference_on_clam_and_trident_files(cmu, tmp_path, trident_models):
     """Each foreign layout at the datalist (or found in feature_dirs) -> probability, attention, heat map,
     top-k and GeoJSON; 10x files and another encoder are refused naming what is wrong."""
-    from scripts.inference import SlideInference
+    from scripts.workflows.inference import SlideInference
     from scripts.networks.bag_classifier import BagClassifier
-    from scripts.predict import SlidePredictor
+    from scripts.workflows.predict import SlidePredictor
 
     rng = np.random.default_rng(5)
     c20 = grid(256)  # 20x: 256 level-0 px at 0.499 µm/px
@@ -272,7 +272,7 @@ def test_inference_on_clam_and_trident_files(cmu, tmp_path, trident_models):
     datalist.write_text("slide_id,path,features\n" + "".join(f"{s},{cmu},{f}\n" for s, f in rows))
 
     def run(out, **kw):
-        from scripts.inference import SlideDataset
+        from scripts.workflows.inference import SlideDataset
 
         predictor = SlidePredictor(BagClassifier("smile", **NET), None, trident_models, out, top_k=4,
                                    thumbnail_size=256, feature_dirs=[t20_dir], patch_size=256, target_mpp=0.5, **kw)
@@ -351,7 +351,7 @@ def test_inference_cli_finds_a_trident_job(cmu, tmp_path, trident_models, bundle
 
 def test_false_on_the_command_line_turns_checks_off(tmp_path):
     from scripts.networks.bag_classifier import BagClassifier
-    from scripts.predict import SlidePredictor
+    from scripts.workflows.predict import SlidePredictor
 
     make = functools.partial(SlidePredictor, BagClassifier("smile", **NET), None, [], tmp_path)
     assert make(feature_checks="false").feature_checks is False and make().feature_checks is True
@@ -360,7 +360,7 @@ def test_false_on_the_command_line_turns_checks_off(tmp_path):
 def test_extraction_from_clam_and_trident_patch_files(cmu, tmp_path):
     """CLAM's patches/<id>.h5 and TRIDENT's <id>_patches.h5 copied into <out>/patches are extracted as they
     are; the feature files then carry the level-0 footprint, so a 10x grid is refused for a 20x model."""
-    from scripts.extract import FeatureExtractionWorkflow
+    from scripts.workflows.extract import FeatureExtractionWorkflow
     from scripts.networks.encoders import build_encoder
 
     out = tmp_path / "out"

@@ -89,7 +89,7 @@ def test_gpu_side_resize_and_normalise_match_the_cpu_path(shared_slides):
 def test_edge_painting_is_shared_by_both_paths():
     """cuCIM pads past-the-edge areas black; both decode paths paint them white with the same helper, on
     numpy arrays (CPU) and torch tensors (GPU) alike."""
-    from scripts.wsi.patches import crosses_edge, paint_outside_white
+    from scripts.wsi.edges import crosses_edge, paint_outside_white
 
     level_size = (300, 250)  # width, height of the read level
     assert not crosses_edge((0, 0), 200, 1.0, level_size) and crosses_edge((150, 0), 200, 1.0, level_size)

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.evaluate import OverlapError, evaluate_cohort
-from scripts.mil_data import Bag
+from scripts.workflows.evaluate import OverlapError, evaluate_cohort
+from scripts.data.bags import Bag
 from scripts.networks import build_mil_network
-from scripts.splits import make_splits
-from scripts.training import TrainSettings, load_checkpoint, run_cross_validation
+from scripts.data.splits import make_splits
+from scripts.workflows.training import TrainSettings, load_checkpoint, run_cross_validation
 
 FAST = dict(epochs=2, lr=1e-3, batch_size=4, patience=0, num_threads=1)
 FACTORY = functools.partial(build_mil_network, "mean_pool")
@@ -64,7 +64,7 @@ def test_one_class_validation_is_warned_and_counted(tmp_path, caplog):
     splits = make_splits(bags, n_folds=2, seed=0, val_fraction=0.34)
     one_class = [len({int(s[1:3]) < 2 for s in f["val"]}) < 2 for f in splits["folds"]]
     assert any(one_class)
-    with caplog.at_level(logging.WARNING, logger="scripts.training"):
+    with caplog.at_level(logging.WARNING, logger="scripts.workflows.training"):
         result = run_cross_validation(FACTORY, bags, splits, TrainSettings(**FAST), n_bootstrap=20)
     assert "fallback: checkpoint selection and early stopping on the validation loss, operating threshold 0.5" in caplog.text
     assert result.summary["n_folds_one_class_validation"] == sum(one_class)
@@ -82,7 +82,7 @@ def test_validation_split_prefers_both_classes():
 
 
 def test_ablation_choice_reads_validation_only():
-    from scripts.ablation import choose_on_validation
+    from scripts.experiments.ablation import choose_on_validation
 
     rows = [
         {"threshold": 0.5, "factor": 0.3, "val_auc_mean": 0.70, "val_loss_mean": 0.6, "auc_mean": 0.95, "pooled_auc": 0.9},
@@ -95,29 +95,29 @@ def test_ablation_choice_reads_validation_only():
 
 
 def test_ensemble_threshold_rule_and_fallback(caplog):
-    from scripts.evaluate import ENSEMBLE_THRESHOLD_RULE, ensemble_threshold
-    from scripts.training import THRESHOLD_FALLBACK, THRESHOLD_SOURCE
+    from scripts.workflows.evaluate import ENSEMBLE_THRESHOLD_RULE, ensemble_threshold
+    from scripts.engines.mil import THRESHOLD_FALLBACK, THRESHOLD_SOURCE
 
     folds = [("fold0", {"threshold": 0.3, "threshold_source": THRESHOLD_SOURCE}),
              ("fold1", {"threshold": 0.5, "threshold_source": THRESHOLD_FALLBACK}),
              ("fold2", {"threshold": 0.5, "threshold_source": THRESHOLD_SOURCE})]  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="scripts.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="scripts.workflows.evaluate"):
         threshold, record = ensemble_threshold(folds)
     assert threshold == pytest.approx(0.4) and record["fallback_folds"] == ["fold1"] and record["rule"] == ENSEMBLE_THRESHOLD_RULE
     assert "fold1" in caplog.text and "mean of the other 2" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="scripts.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="scripts.workflows.evaluate"):
         threshold, record = ensemble_threshold([("fold0", {"threshold": 0.5, "threshold_source": THRESHOLD_FALLBACK})])
     assert threshold == 0.5 and record["fell_back_to_0.5"] and "fallback 0.5" in caplog.text
 
 
 def test_inference_and_transfer_only_warn(caplog):
-    from scripts.heldout import check_overlap
-    from scripts.transfer import shared_patients
+    from scripts.data.heldout import check_overlap
+    from scripts.experiments.transfer import shared_patients
 
     cohort = _bags(4, 2)
     checkpoint = {"metadata": {"train_patient_ids": ["p00"], "val_patient_ids": ["p03"]}}
-    with caplog.at_level(logging.WARNING, logger="scripts.heldout"):
+    with caplog.at_level(logging.WARNING, logger="scripts.data.heldout"):
         record = check_overlap(cohort, [("fold0", checkpoint)], "cv", refuse=False, what="inference")
     assert record["in_sample"] and record["n_patients"] == 2 and "inference: 2 of the cohort's 4 patients" in caplog.text
     a, b = _bags(2, 1, prefix="a"), _bags(2, 1, prefix="b")

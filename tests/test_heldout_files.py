@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.datalist import DatalistError, load_datalist
-from scripts.evaluate import OverlapError, evaluate_cohort, evaluation_bags
+from scripts.data.datalist import DatalistError, load_datalist
+from scripts.workflows.evaluate import OverlapError, evaluate_cohort, evaluation_bags
 from scripts.formats.fingerprint import BLOCK_BYTES, FINGERPRINT_METHOD, HEAD_BYTES, file_fingerprint
-from scripts.mil_data import bags_from_datalist
+from scripts.data.bags import bags_from_datalist
 from scripts.networks import build_mil_network
-from scripts.splits import make_splits
-from scripts.training import TrainSettings, run_cross_validation
+from scripts.data.splits import make_splits
+from scripts.workflows.training import TrainSettings, run_cross_validation
 
 DIM = 8
 FAST = dict(epochs=1, lr=1e-3, batch_size=4, patience=0, num_threads=1)
@@ -56,7 +56,7 @@ def _datalist(path, rows):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, shared_slides):
     """10 demo slides of 10 patients with feature files, 2 fold models trained on them (mean pooling, 1 epoch)."""
-    from scripts.demo_cohort import make_demo_cohort
+    from scripts.demo.cohort import make_demo_cohort
 
     root = tmp_path_factory.mktemp("heldout")
     demo = make_demo_cohort(root / "cohort", n_slides=10, n_patients=10, size_um=256, seed=3, workers=1,
@@ -152,7 +152,7 @@ def test_genuinely_different_slides_pass(trained, shared_slides, caplog):
     cohort = [_other(root, shared_slides, "cmu", "cmu-1-small-region.svs", 0, 2),
               _other(root, shared_slides, "kidney", "kidney-48-5.tif", 1, 3),
               _other(root, shared_slides, "tcga", "tcga-cr-7395-01a-01-ts1.svs", 1, 4)]
-    with caplog.at_level(logging.WARNING, logger="scripts.heldout"):
+    with caplog.at_level(logging.WARNING, logger="scripts.data.heldout"):
         summary = _evaluate(root, cohort, "genuine")
     overlap = summary["overlap"]
     assert not overlap["in_sample"] and overlap["n_matched_slides"] == 0 and overlap["n_patients"] == 0
@@ -172,7 +172,7 @@ def test_checkpoint_without_fingerprints_loads_with_a_warning(trained, shared_sl
     cohort = [_other(root, shared_slides, "cmu", "cmu-1-small-region.svs", 0, 5),
               _other(root, shared_slides, "kidney", "kidney-48-5.tif", 1, 6)]
     bags = evaluation_bags(_datalist(tmp_path / "old.csv", cohort), require_labels=False)
-    with caplog.at_level(logging.WARNING, logger="scripts.heldout"):
+    with caplog.at_level(logging.WARNING, logger="scripts.data.heldout"):
         summary = evaluate_cohort(bags, old_cv, tmp_path / "eval", n_bootstrap=10)
     assert "record their training slide ids but not the slides' file fingerprints" in caplog.text
     assert sorted(summary["overlap"]["unfingerprinted_models"]) == ["fold0", "fold1"]

@@ -1,5 +1,5 @@
 """configs/inference.json, alone, through the real `python -m monai.bundle run` command and through the
-public per-slide API (scripts.predict.predict_slide).
+public per-slide API (scripts.workflows.predict.predict_slide).
 
 The slide -> features stages are tested by their own modules; here the features are synthetic HDF5
 files (one for the real CMU H&E region, one features-only row) and the models are small training-style
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.inference import SlideInference, load_checkpoint_model, predict_bag, resolve_checkpoints
+from scripts.workflows.inference import SlideInference, load_checkpoint_model, predict_bag, resolve_checkpoints
 from scripts.networks.bag_classifier import BagClassifier
-from scripts.predict import SlidePredictor
+from scripts.workflows.predict import SlidePredictor
 
 pytest.importorskip("scripts.networks.smile")
 
@@ -117,7 +117,7 @@ def test_checkpoint_errors_are_clear(tmp_path):
 
 
 def test_missing_features_without_stages_fails_per_slide(tmp_path):
-    from scripts.datalist import SlideRecord
+    from scripts.data.datalist import SlideRecord
 
     _fold_checkpoints(tmp_path / "cv", n=1)
     predictor = SlidePredictor(BagClassifier("smile"), None, tmp_path / "cv", tmp_path)
@@ -130,9 +130,9 @@ def test_missing_features_without_stages_fails_per_slide(tmp_path):
 def test_raw_slides_end_to_end(shared_slides, tmp_path, bundle_root):
     """Raw slides (one synthetic demo TIFF and the real CMU region) through tissue, grid, random-weight
     CTransPath and a 2-fold SMILE ensemble; every output written and the GeoJSON inside each slide."""
-    pytest.importorskip("scripts.preprocess")
-    pytest.importorskip("scripts.extract")
-    from scripts.demo_cohort import make_demo_cohort
+    pytest.importorskip("scripts.workflows.preprocess")
+    pytest.importorskip("scripts.workflows.extract")
+    from scripts.demo.cohort import make_demo_cohort
 
     cohort = make_demo_cohort(tmp_path / "cohort", n_slides=1, n_patients=1, size_um=512, seed=3, show_progress=False)
     rows = list(csv.DictReader(open(cohort)))
@@ -181,7 +181,7 @@ def test_raw_slides_end_to_end(shared_slides, tmp_path, bundle_root):
             assert 0 <= ring[:, 1].min() and ring[:, 1].max() <= height
 
     # the public per-slide API on the same raw slide, in a fresh folder: same grid, probability and attention
-    from scripts.predict import get_predictor, predict_slide
+    from scripts.workflows.predict import get_predictor, predict_slide
 
     api_out = tmp_path / "api"
     options = dict(allow_random_weights=True, num_workers=1, mask_backend="scipy")
@@ -203,8 +203,8 @@ def test_raw_slides_end_to_end(shared_slides, tmp_path, bundle_root):
 
 
 def test_subset_datalist(tmp_path, shared_slides):
-    from scripts.datalist import load_datalist
-    from scripts.inference import subset_datalist
+    from scripts.data.datalist import load_datalist
+    from scripts.workflows.inference import subset_datalist
 
     src = tmp_path / "d.csv"
     src.write_text("slide_id,path,label,patient_id,center\n" + "".join(
@@ -246,7 +246,7 @@ def test_inference_json_blocks_equal_preprocess_and_extract(bundle_root):
     """inference.json is complete on its own; every block it shares with preprocess.json / extract.json is
     written out equal to that file's (extract.json's ``reader`` and ``open_transform`` under the names
     ``patch_reader`` / ``patch_open_transform``; the encoder is built lazily, ``_mode_: callable``)."""
-    from scripts.extract import reader_backends
+    from scripts.workflows.extract import reader_backends
 
     configs = bundle_root / "configs"
     inference = json.loads((configs / "inference.json").read_text())
@@ -294,7 +294,7 @@ def test_documented_inference_overrides_reach_their_components(bundle_root):
     assert patch_open.reader.backends == ("tifffile",)  # --reader_backend: the patch reader too
     assert read_step.num_workers == 3  # --num_workers: reading threads
     if not torch.cuda.is_available():  # --decode_device: GPU decoding asked for on a host without CUDA
-        from scripts.errors import find_bundle_error
+        from scripts.utils.errors import find_bundle_error
 
         with pytest.raises(Exception) as raised:
             _inference_parser(bundle_root, decode_device="cuda").get_parsed_content("predictor")

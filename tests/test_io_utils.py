@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from scripts.io_utils import atomic_path, write_csv, write_json
+from scripts.utils.io_utils import atomic_path, write_csv, write_json
 
 
 def test_atomic_write_replaces_only_on_success(tmp_path):

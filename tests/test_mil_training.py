@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from scripts.metrics import bootstrap_auc_ci, threshold_metrics, youden_threshold
-from scripts.mil_data import BagDataset, bags_from_datalist, bags_from_npz, collate_bags, load_features
+from scripts.data.bags import BagDataset, bags_from_datalist, bags_from_npz, collate_bags, load_features
 from scripts.networks import build_mil_network
-from scripts.splits import SplitError, check_splits, load_or_make_splits, make_splits
-from scripts.training import TrainSettings, load_checkpoint, predict, run_cross_validation, train_fold
+from scripts.data.splits import SplitError, check_splits, load_or_make_splits, make_splits
+from scripts.engines.mil import predict
+from scripts.workflows.training import TrainSettings, load_checkpoint, run_cross_validation, train_fold
 
 DIM = 24
 
@@ -96,7 +97,7 @@ def test_patient_level_splits(tmp_path, caplog):
     # reused on the next call with the same settings
     assert load_or_make_splits(bags, out, n_folds=5, seed=3) == splits
     # other settings: new splits, with a warning naming the difference
-    with caplog.at_level(logging.WARNING, logger="scripts.splits"):
+    with caplog.at_level(logging.WARNING, logger="scripts.data.splits"):
         other = load_or_make_splits(bags, out, n_folds=4, seed=7, val_fraction=0.3)
     assert "n_folds 5 in the file, 4 requested" in caplog.text and "seed 3 in the file, 7 requested" in caplog.text
     assert "val_fraction" in caplog.text
@@ -145,7 +146,7 @@ def test_train_fold_learns_and_checkpoint_roundtrip(tmp_path):
     assert len(history["epochs"]) == 30 and 1 <= history["best_epoch"] <= 30
     assert history["epochs"][-1]["train_loss"] < history["epochs"][0]["train_loss"]
     assert history["network"]["name"] == "smile" and history["network"]["kwargs"]["in_dim"] == DIM
-    from scripts.training import save_checkpoint
+    from scripts.formats.checkpoints import save_checkpoint
 
     save_checkpoint(tmp_path / "m.pt", model, network=history["network"])
     again, _ = load_checkpoint(tmp_path / "m.pt")

@@ -1,7 +1,7 @@
 """The MONAI Model Zoo's own bundle checks (ci/verify_bundle.py in Project-MONAI/model-zoo), run here.
 
 * required files (configs/metadata.json, LICENSE) and preferred ones (configs/inference.json,
-  docs/README.md; models/model.pt is produced by training + scripts.publish_model, so the test makes one);
+  docs/README.md; models/model.pt is produced by training + scripts.workflows.publish_model, so the test makes one);
 * metadata: the fields the Model Zoo schema requires, the version listed in the changelog;
 * ``verify_net_in_out`` on ``network_def`` with the metadata's input description;
 * ``ckpt_export`` to TorchScript through the real command line, and the exported module reproduces the
@@ -59,9 +59,9 @@ def test_net_in_out_and_torchscript_export(in_bundle, tmp_path):
         for n in (1, 37):  # the bag size is free ("*")
             verify_net_in_out(net_id="network_def", meta_file=META, config_file=INFER, any=n, device="cpu")
 
-    # a training checkpoint, published as models/model.pt would be (scripts.publish_model)
+    # a training checkpoint, published as models/model.pt would be (scripts.workflows.publish_model)
     from scripts.networks.smile import SMILE
-    from scripts.publish_model import publish_model
+    from scripts.workflows.publish_model import publish_model
 
     torch.manual_seed(0)
     trained = SMILE(in_dim=768)

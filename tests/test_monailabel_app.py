@@ -3,7 +3,7 @@
 The server runs on a free port of 127.0.0.1 over a studies folder holding the real CMU H&E region, a
 synthetic demo slide, the TCGA slide without µm/px and a corrupt file; the models are two small fold
 checkpoints and the encoder has random weights (the probability means nothing, but it must be the same
-number as :func:`scripts.predict.predict_slide` gives for the same slide). Requests are the stock
+number as :func:`scripts.workflows.predict.predict_slide` gives for the same slide). Requests are the stock
 ``POST /infer/wsi_v2/<model>`` that QuPath's and DSA's MONAI Label extensions send (a multipart form with a
 ``wsi`` JSON field), and answers are read the way those extensions read them: ASAP XML ``Annotation``
 elements (class = ``Name``, polygon = its ``Coordinate`` X/Y) and DSA JSON ``elements`` (``points``).
@@ -86,7 +86,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory, shared_slides):
-    from scripts.demo_cohort import make_demo_cohort
+    from scripts.demo.cohort import make_demo_cohort
 
     root = tmp_path_factory.mktemp("monailabel")
     studies = root / "studies"
@@ -175,7 +175,7 @@ def _check_against_prediction(polygons, prediction, region=None, merged=True):
     if merged:  # one tile per 1024 px: neighbouring patches of a tier come back as one polygon
         assert len(tiers) < inside.sum()
     # each tier's polygons hold that tier's patches (a patch centre inside a polygon of its own tier)
-    from scripts.attention_outputs import attention_tier, percentile_rank
+    from scripts.formats.attention_outputs import attention_tier, percentile_rank
 
     percentiles = percentile_rank(prediction.attention)
     by_tier = {name: shapely.union_all([shapely.Polygon(r) for n, r in tiers if n == name]) for name in TIERS}
@@ -204,7 +204,7 @@ def test_asap_on_the_cmu_region_equals_predict_slide(server, cohort, shared_slid
     again = _asap(body_v2)
     assert [n for n, _ in again] == [n for n, _ in polygons]
     assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(again, polygons))
-    from scripts.predict import predict_slide
+    from scripts.workflows.predict import predict_slide
 
     prediction = predict_slide(shared_slides / "cmu-1-small-region.svs", cohort["cv"], tmp_path / "api",
                                slide_id="cmu-1-small-region", **OPTIONS)
@@ -222,7 +222,7 @@ def test_dsa_on_a_demo_slide_and_a_sub_region(server, cohort, tmp_path):
     image = cohort["demo"].stem
     status, body = server.wsi("smile", image, "dsa", size=(4096, 4096))
     assert status == 200, body[:500]
-    from scripts.predict import predict_slide
+    from scripts.workflows.predict import predict_slide
 
     prediction = predict_slide(cohort["demo"], cohort["cv"], tmp_path / "api", slide_id=image, **OPTIONS)
     _check_against_prediction(_dsa(body), prediction)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("scripts.training")
+pytest.importorskip("scripts.workflows.training")
 
 
 def _cohort(root, n_slides=40, seed=0):
@@ -70,7 +70,7 @@ def test_two_process_training(tmp_path, bundle_root):
 def test_single_process_helpers_are_no_ops():
     from torch import nn
 
-    from scripts.distributed import PackedForward, init_distributed, is_main_process, unwrap, world_size, wrap_ddp
+    from scripts.utils.distributed import PackedForward, init_distributed, is_main_process, unwrap, world_size, wrap_ddp
 
     assert world_size() == 1 and is_main_process()
     assert init_distributed().type in ("cpu", "cuda")

@@ -1,5 +1,5 @@
 """One fold trainer (issue 19 item 1): the comparison, the ablation and the transfer train every model through
-train.json's own train/validate sections (scripts.training.train_from_config), so a handler or setting added
+train.json's own train/validate sections (scripts.workflows.training.train_from_config), so a handler or setting added
 to the config in JSON reaches each of them, as it reaches `run training`."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from scripts.methods import method_config_overrides
+from scripts.networks.methods import method_config_overrides
 from test_compare import make_cohort  # noqa: E402 (the comparison tests' synthetic cohort)
 
 DIM = 16
@@ -121,7 +121,7 @@ def test_a_json_handler_and_val_interval_reach_every_comparison_ablation_and_tra
 
 
 def test_method_overrides_choose_the_network_and_ignore_other_network_def_settings():
-    network_def = {"_target_": "scripts.methods.build_bag_classifier", "name": "smile", "in_dim": "@feature_dim",
+    network_def = {"_target_": "scripts.networks.methods.build_bag_classifier", "name": "smile", "in_dim": "@feature_dim",
                    "embed_dim": 64, "attention_dim": None, "threshold": None, "factor": 0.3, "network_kwargs": {},
                    "channel_first": True}  # fmt: skip
     smile = method_config_overrides("smile", {"threshold": 0.5, "factor": 0.5, "dropout": 0.1}, network_def)
@@ -136,10 +136,10 @@ def test_method_overrides_choose_the_network_and_ignore_other_network_def_settin
 
 
 def test_python_callers_pass_a_parser_and_get_a_clear_error_for_settings(tmp_path):
-    from scripts.ablation import run_ablation
-    from scripts.compare import compare_methods
-    from scripts.training import TrainSettings, training_parser
-    from scripts.transfer import run_transfer
+    from scripts.experiments.ablation import run_ablation
+    from scripts.experiments.compare import compare_methods
+    from scripts.workflows.training import TrainSettings, training_parser
+    from scripts.experiments.transfer import run_transfer
 
     with pytest.raises(TypeError, match="output_dir must be a folder.*parser="):
         compare_methods([], {"folds": []}, TrainSettings(), methods=["smile"])

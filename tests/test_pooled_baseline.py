@@ -1,13 +1,13 @@
-"""The mean+max pooled logistic-regression floor (scripts/pooled_baseline.py) and its benchmark line."""
+"""The mean+max pooled logistic-regression floor (scripts/experiments/pooled_baseline.py) and its benchmark line."""
 
 import numpy as np
 import pytest
 import torch
 
 from scripts.metrics import auc
-from scripts.mil_data import Bag, bags_from_npz
-from scripts.pooled_baseline import fit_pooled, pooled_cross_validation, pooled_features, predict_pooled
-from scripts.splits import make_splits
+from scripts.data.bags import Bag, bags_from_npz
+from scripts.experiments.pooled_baseline import fit_pooled, pooled_cross_validation, pooled_features, predict_pooled
+from scripts.data.splits import make_splits
 
 
 def test_pooled_features_are_mean_then_max():

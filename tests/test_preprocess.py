@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from scripts.preprocess import PreprocessSettings, PreprocessWorkflow, preprocess_slide
-from scripts.datalist import SlideRecord
+from scripts.workflows.preprocess import PreprocessSettings, PreprocessWorkflow, preprocess_slide
+from scripts.data.datalist import SlideRecord
 from scripts.wsi import mpp as mpp_lib
 from scripts.wsi.grid import choose_level
-from scripts.wsi.patch_file import read_patch_file
+from scripts.formats.patch_file import read_patch_file
 from scripts.wsi.open import SlideReadError, open_slide
 from scripts.wsi.patches import iter_patch_batches
 from scripts.wsi.probe import probe_cucim

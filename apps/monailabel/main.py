@@ -50,7 +50,7 @@ from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException  # noqa: E402
 
 from lib.smile_infer import SmileInfer, _one_line  # noqa: E402
-from scripts.errors import BundleError  # noqa: E402
+from scripts.utils.errors import BundleError  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class SmileApp(MONAILabelApp):
         return {MODEL_NAME: task}
 
     def _make_predictor(self):
-        from scripts.predict import SlidePredictor
+        from scripts.workflows.predict import SlidePredictor
 
         logger.info("SMILE: checkpoints %s; outputs in %s; overrides %s", self.checkpoints, self.output_dir,
                     self.overrides)

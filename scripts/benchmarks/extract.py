@@ -32,7 +32,7 @@ import torch
 
 import scripts  # noqa: F401  (quiet native libraries)
 from scripts.formats.layout import OutputLayout
-from scripts.extract import FeatureExtractionWorkflow
+from scripts.workflows.extract import FeatureExtractionWorkflow
 from scripts.networks.encoders import build_encoder
 from scripts.wsi.open import DEFAULT_BACKENDS
 from scripts.wsi.patches import PatchReader, iter_patch_batches

@@ -20,7 +20,7 @@ uses the network's own defaults (SMILE: BatchNorm1d -> Linear 256, attention 128
 network accepts can be passed and overrides the arch's values. Accuracy is at probability 0.5.
 
 The floor (``--floor true``, the default): mean + max pooled instance features with a scikit-learn
-logistic regression (:mod:`scripts.pooled_baseline`), fitted on the same training bags of the same
+logistic regression (:mod:`scripts.experiments.pooled_baseline`), fitted on the same training bags of the same
 folds and tested on the same test bags; its accuracy and AUC are reported beside the network's, with a
 paired bootstrap of the AUC difference (network - floor) over the out-of-fold predictions of all
 repeats, resampling bags (each bag carries its predictions of every repeat).
@@ -43,12 +43,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scripts.io_utils import write_json
+from scripts.utils.io_utils import write_json
 from scripts.metrics import auc, threshold_metrics
-from scripts.mil_data import Bag, bags_from_npz
-from scripts.pooled_baseline import DESCRIPTION as FLOOR_DESCRIPTION
-from scripts.pooled_baseline import fit_pooled, predict_pooled
-from scripts.splits import make_splits
+from scripts.data.bags import Bag, bags_from_npz
+from scripts.experiments.pooled_baseline import DESCRIPTION as FLOOR_DESCRIPTION
+from scripts.experiments.pooled_baseline import fit_pooled, predict_pooled
+from scripts.data.splits import make_splits
 
 
 # Ilse et al. 2018's MUSK network (appendix): fc-256, fc-128, fc-64 (ReLU), attention with hidden 64,
@@ -82,7 +82,7 @@ def run_benchmark(
     from tqdm.auto import tqdm
 
     from scripts.networks import build_mil_network
-    from scripts.training import TrainSettings, run_cross_validation
+    from scripts.workflows.training import TrainSettings, run_cross_validation
 
     bags = bags_from_npz(data)
     arch = arch or ("ilse" if method == "smile" else "default")

@@ -18,8 +18,8 @@ import resource
 
 import torch
 
-from scripts.io_utils import write_json
-from scripts.mil_data import Bag
+from scripts.utils.io_utils import write_json
+from scripts.data.bags import Bag
 
 
 def synthetic_bags(n_bags: int, instances: int, dim: int, pool: int = 16, seed: int = 0) -> list[Bag]:
@@ -30,7 +30,7 @@ def synthetic_bags(n_bags: int, instances: int, dim: int, pool: int = 16, seed: 
 
 def measure(device: str, bags: list[Bag], method: str, batch_size: int, threads: int | None) -> dict:
     from scripts.networks import build_mil_network
-    from scripts.training import TrainSettings, train_fold
+    from scripts.workflows.training import TrainSettings, train_fold
 
     if threads:
         torch.set_num_threads(int(threads))

@@ -5,6 +5,8 @@
 - ``layout``: :class:`OutputLayout`, every path of an output folder.
 - ``checkpoints``: fold checkpoints and published models, saved and loaded safely.
 - ``fingerprint``: content fingerprints of slide and feature files (held-out and duplicate checks).
+- ``annotations``: QuPath GeoJSON annotations (lesion outlines), read and written.
+- ``attention_outputs``: per-patch attention h5, heat-map and top-k PNGs, QuPath GeoJSON tiles and tier outlines.
 
 Nothing outside this package opens these files.
 """

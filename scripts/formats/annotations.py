@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from scripts.errors import BundleError
-from scripts.io_utils import atomic_path
+from scripts.utils.errors import BundleError
+from scripts.utils.io_utils import atomic_path
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ File formats (both plain ``torch.save`` dicts that ``torch.load(..., weights_onl
        "network": {"name": registered MIL name, "class": "module.Class", "kwargs": {...}},
        "format": "smile-fold-checkpoint", "format_version": 1,
        "metadata": {...free-form: train/val slide and patient ids, per-slide file fingerprints
-                    ("training_slides", "fingerprint_method": scripts.training.data_provenance), ...},
+                    ("training_slides", "fingerprint_method": scripts.workflows.training.data_provenance), ...},
        ...top-level numbers/strings: fold, threshold, best_epoch, val_auc, feature_dim}
 
   It is also what MONAI's ``CheckpointLoader(load_dict={"model": net})`` reads.
@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from scripts.formats.layout import OutputLayout
-from scripts.errors import BundleError
-from scripts.io_utils import atomic_path, write_json
+from scripts.utils.errors import BundleError
+from scripts.utils.io_utils import atomic_path, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -144,44 +144,18 @@ def load_weights_file(path: str | Path, help_text: str = "", trust: bool | None 
 
 
 # ------------------------------------------------------------------------------------------------ saving
-def network_spec(model: nn.Module, network_factory: Any = None, in_dim: int | None = None) -> dict:
-    """``{"name", "class", "kwargs"}`` rebuilding ``model`` with :func:`scripts.networks.build_mil_network`
-    (``model`` may be wrapped in DDP or :class:`~scripts.networks.bag_classifier.BagClassifier`). The
-    kwargs are ``model.config`` (set by :func:`scripts.methods.build_method`); for a network without one,
-    the keywords of a ``functools.partial`` factory plus ``in_dim``."""
-    import functools
-
-    from scripts.networks import MIL_NETWORKS
-
-    model = _mil_of(model)
-    name = next((n for n, cls in MIL_NETWORKS.items() if type(model) is cls), None)
-    if isinstance(getattr(model, "config", None), Mapping):
-        kwargs = dict(model.config)
-    else:
-        kwargs = {}
-        if isinstance(network_factory, functools.partial):
-            kwargs = dict(network_factory.keywords)
-            if name is None and network_factory.args:
-                name = network_factory.args[0]
-            kwargs.pop("name", None)
-        if in_dim is not None:
-            kwargs.setdefault("in_dim", in_dim)
-    return {"name": name, "class": f"{type(model).__module__}.{type(model).__qualname__}", "kwargs": _plain(kwargs)}
-
-
 def save_checkpoint(
-    path: str | Path, model: nn.Module, metadata: Mapping[str, Any] | None = None, network: Mapping | None = None,
-    **extra,
+    path: str | Path, model: nn.Module, metadata: Mapping[str, Any] | None = None, *, network: Mapping, **extra,
 ) -> Path:
     """Write a fold checkpoint atomically: the MIL network's weights, its spec (``network``, default
     :func:`network_spec`), ``metadata`` (free-form dict: encoder, slide ids, ...) and ``extra`` top-level
     values. Values are reduced to what ``weights_only=True`` loads (tensors, numbers, strings, lists, dicts).
     """
-    inner = _mil_of(model)
+    inner = mil_of(model)
     state = {k: v.detach().cpu() for k, v in inner.state_dict().items()}
     checkpoint = {
-        "model": state, "network": _plain(dict(network)) if network else network_spec(inner), "format": FORMAT, "format_version": FORMAT_VERSION,
-        "metadata": _plain(dict(metadata or {})), **_plain(extra),
+        "model": state, "network": plain_value(dict(network)), "format": FORMAT, "format_version": FORMAT_VERSION,
+        "metadata": plain_value(dict(metadata or {})), **plain_value(extra),
     }  # fmt: skip
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -202,24 +176,11 @@ def publish_state_dict(network: nn.Module, out: str | Path, info: Mapping[str, A
     out = Path(out)
     with atomic_path(out) as tmp:
         torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, tmp)
-    write_json(out.with_name(out.stem + "_info.json"), _plain(dict(info)))
+    write_json(out.with_name(out.stem + "_info.json"), plain_value(dict(info)))
     return out
 
 
 # ------------------------------------------------------------------------------------------------ building
-def build_from_checkpoint(path: str | Path, device: Any = "cpu", trust: bool | None = None) -> tuple[nn.Module, dict]:
-    """Rebuild the MIL network a fold checkpoint describes; returns (model in eval mode, checkpoint)."""
-    from scripts.networks import build_mil_network
-
-    checkpoint = read_checkpoint(path, trust)
-    spec = checkpoint.get("network") or {}
-    if not spec.get("name"):
-        raise CheckpointError(f"{path}: no network name; load it into network_def (load_into_network) instead")
-    model = build_mil_network(spec["name"], **dict(spec.get("kwargs") or {}))
-    _load_state(model, checkpoint["model"], path)
-    return model.to(device).eval(), checkpoint
-
-
 def load_into_network(path: str | Path, network_def: nn.Module, trust: bool | None = None) -> tuple[nn.Module, dict]:
     """A copy of ``network_def`` with the weights of checkpoint ``path`` (strict), in eval mode.
 
@@ -230,7 +191,7 @@ def load_into_network(path: str | Path, network_def: nn.Module, trust: bool | No
     checkpoint = read_checkpoint(path, trust)
     check_network_matches(checkpoint.get("network"), network_def, path)
     model = copy.deepcopy(network_def)
-    _load_state(model, checkpoint["model"], path)
+    load_state(model, checkpoint["model"], path)
     return model.eval(), {k: v for k, v in checkpoint.items() if k != "model"}
 
 
@@ -238,7 +199,7 @@ def check_network_matches(spec: Mapping | None, network_def: nn.Module, source: 
     """Raise :class:`CheckpointError` when the recorded network ``spec`` differs from ``network_def``'s."""
     if not isinstance(spec, Mapping):
         return
-    mine = _mil_of(network_def)
+    mine = mil_of(network_def)
     trained_class = str(spec.get("class") or "").rsplit(".", 1)[-1]
     if trained_class and trained_class != type(mine).__name__:
         raise CheckpointError(f"{source} holds a {trained_class}, but network_def builds a {type(mine).__name__}; "
@@ -254,7 +215,7 @@ def check_network_matches(spec: Mapping | None, network_def: nn.Module, source: 
                               "config so the network behaves as trained")
 
 
-def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Any) -> None:
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Any) -> None:
     try:
         if hasattr(model, "load_mil_state_dict"):
             model.load_mil_state_dict(state, strict=True)
@@ -310,20 +271,20 @@ def resolve_checkpoints(checkpoints: str | Path | Sequence[str | Path]) -> list[
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _mil_of(model: nn.Module) -> nn.Module:
+def mil_of(model: nn.Module) -> nn.Module:
     model = getattr(model, "module", model)  # DDP
     inner = getattr(model, "mil", None)  # BagClassifier
     return inner if isinstance(inner, nn.Module) else model
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
     """``value`` reduced to what ``weights_only=True`` loads (tensors, numbers, strings, lists, dicts)."""
     if isinstance(value, (str, int, float, bool)) or value is None or torch.is_tensor(value):
         return value
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set)):
-        return [_plain(v) for v in value]
+        return [plain_value(v) for v in value]
     if isinstance(value, (Path, torch.device, torch.dtype)):
         return str(value)
     if hasattr(value, "item") and callable(value.item):  # numpy scalars
@@ -341,7 +302,7 @@ def _same(a, b) -> bool:
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "CheckpointError", "UntrustedCheckpointError", "trust_requested", "load_file",
-    "read_checkpoint", "load_weights_file", "network_spec", "save_checkpoint", "copy_checkpoint",
-    "publish_state_dict", "build_from_checkpoint", "load_into_network", "check_network_matches",
+    "read_checkpoint", "load_weights_file", "save_checkpoint", "copy_checkpoint",
+    "publish_state_dict", "load_into_network", "load_state", "mil_of", "plain_value", "check_network_matches",
     "find_fold_checkpoints", "resolve_checkpoints", "fold_number",
 ]  # fmt: skip

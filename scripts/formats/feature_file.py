@@ -42,11 +42,11 @@ import numpy as np
 import torch
 
 from scripts.formats.layout import OutputLayout
-from scripts.errors import BundleError
+from scripts.utils.errors import BundleError
 from scripts.formats.patch_file import (
     PatchFile, PatchFileError, describe_patches, find_patch_file, h5_attrs, peer_attrs, plain, read_patch_file,
 )
-from scripts.io_utils import atomic_path
+from scripts.utils.io_utils import atomic_path
 
 FEATURE_SUFFIXES = (".h5", ".hdf5", ".pt", ".pth")
 H5_SUFFIXES = (".h5", ".hdf5")

@@ -2,9 +2,9 @@
 
 A fingerprint names a file's *bytes*, not its name: a slide copied to another path, or listed under a
 new slide and patient id, has the fingerprint of the original. Fold checkpoints record the fingerprints
-of their training and validation slides (``scripts.training.data_provenance``); evaluation refuses a
-cohort whose files match them (``scripts.heldout``), and a datalist that lists the same content twice
-is refused (``scripts.datalist``, ``scripts.mil_data``).
+of their training and validation slides (``scripts.workflows.training.data_provenance``); evaluation refuses a
+cohort whose files match them (``scripts.data.heldout``), and a datalist that lists the same content twice
+is refused (``scripts.data.datalist``, ``scripts.data.bags``).
 
 What is hashed (:data:`FINGERPRINT_METHOD`): sha256 over the file size (8 bytes, little-endian), then
 the first 1 MiB, the last 1 MiB and :data:`N_BLOCKS` blocks of 64 KiB evenly spaced in between. A file

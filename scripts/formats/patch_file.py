@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.errors import BundleError
-from scripts.io_utils import atomic_path
+from scripts.utils.errors import BundleError
+from scripts.utils.io_utils import atomic_path
 
 PATCH_SUFFIXES = ("_patches.h5", ".h5")  # TRIDENT's name first: a folder rarely holds both
 

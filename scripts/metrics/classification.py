@@ -166,7 +166,7 @@ def plot_roc(curves: dict[str, tuple[Sequence[int], Sequence[float]]], path, tit
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from scripts.io_utils import atomic_path
+    from scripts.utils.io_utils import atomic_path
 
     fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
     for name, (labels, probs) in curves.items():

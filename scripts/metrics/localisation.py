@@ -32,7 +32,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from scripts.formats.layout import OutputLayout
-from scripts.io_utils import write_csv, write_json
+from scripts.utils.io_utils import write_csv, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def patch_overlap(coords, patch_size_level0: float, annotations) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- per slide
 def slide_localisation(scores, overlap, top_k: int = 8, min_overlap: float = 0.0) -> dict:
     """Attention AUC, top-k hit and attention mass of one slide (see the module docstring)."""
-    from scripts.attention_outputs import top_k_indices
+    from scripts.formats.attention_outputs import top_k_indices
     from scripts.metrics.classification import auc
 
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -150,7 +150,7 @@ def localise_cohort(
 ) -> dict:
     """Per-slide and summary localisation outputs under ``output_dir`` (module docstring); returns the
     summary. A slide whose annotation file cannot be read gets ``status`` failed and the others go on."""
-    from scripts.attention_outputs import percentile_rank
+    from scripts.formats.attention_outputs import percentile_rank
     from scripts.formats.annotations import read_annotations
     from scripts.metrics.classification import nan_to_none
 

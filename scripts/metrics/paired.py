@@ -2,7 +2,7 @@
 
 * :func:`paired_bootstrap_auc` — paired bootstrap of the AUC difference. With ``groups`` (patient ids)
   patients are resampled with replacement, each with all its slides, and both methods' scores of a
-  drawn slide stay together: the comparison's headline test (``scripts.compare``), because slides of one
+  drawn slide stay together: the comparison's headline test (``scripts.experiments.compare``), because slides of one
   patient are correlated and must not count as independent evidence. The AUC itself stays per slide
   (every slide is one unit of the ranking); the patients are the resampling clusters only. Two-sided p
   from the bootstrap distribution of the difference; seeded; 2000 resamples by default; vectorised

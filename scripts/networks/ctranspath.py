@@ -22,7 +22,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from scripts.errors import BundleError
+from scripts.utils.errors import BundleError
 
 CTRANSPATH_FEATURE_DIM = 768
 

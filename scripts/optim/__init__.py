@@ -1,4 +1,4 @@
-"""Optimisers written for this bundle (timm provides the rest by name; see ``scripts.training.create_optimizer``)."""
+"""Optimisers written for this bundle (timm provides the rest by name; see ``scripts.engines.mil.create_optimizer``)."""
 
 from scripts.optim.ranger import Ranger
 

@@ -10,5 +10,9 @@
 - ``reader``: ``SlideWSIReader``, the MONAI ``BaseWSIReader`` component over all of the above.
 - ``tissue``: low-resolution tissue mask (saturation Otsu + ITK morphology and hole filling).
 - ``grid``: pyramid level choice and the tissue patch grid.
-- ``patch_file``: the per-slide patch coordinate file (writer, and a reader that also takes CLAM/TRIDENT files).
+- ``edges``: patches that run past a level's edge (detected, painted white); shared by the CPU and GPU readers.
+- ``gpu_decode``: cuCIM reads into CUDA memory (nvJPEG) for extraction on GPUs.
+- ``preview``: the tissue/grid preview PNG.
+
+The patch-coordinate file lives in :mod:`scripts.formats.patch_file`.
 """

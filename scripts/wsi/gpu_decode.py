@@ -22,8 +22,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from scripts.errors import BundleError
-from scripts.wsi.patches import crosses_edge, paint_outside_white
+from scripts.utils.errors import BundleError
+from scripts.wsi.backends.base import SlideReadError
+from scripts.wsi.edges import crosses_edge, paint_outside_white
 
 DECODE_DEVICES = ("cpu", "cuda", "auto")
 
@@ -107,6 +108,4 @@ def cucim_cuda_batches(image, coords: np.ndarray, size: int, level: int, out_siz
         start += len(tensor)
         yield resize_patches(tensor, int(out_size)), chunk
     if start != len(coords):
-        from scripts.wsi.backends.base import SlideReadError
-
         raise SlideReadError(f"cuCIM (CUDA decode) returned {start} of {len(coords)} patches")

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripts.errors import BundleError
+from scripts.utils.errors import BundleError
 from scripts.wsi.filekind import file_kind  # noqa: F401 - also part of this module's API
 
 MPP_RANGE = (0.05, 20.0)  # the same plausibility range the datalist uses

@@ -8,7 +8,6 @@ pool. ``warm_up`` probes a cohort first.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +17,8 @@ import numpy as np
 
 from scripts.wsi.backends import DEFAULT_BACKENDS
 from scripts.wsi.backends.base import SlideHandle, SlideReadError, to_rgb
+from scripts.wsi.edges import crosses_edge, paint_outside_white
+from scripts.wsi.gpu_decode import cucim_cuda_batches
 from scripts.wsi.open import _open_first_backend
 from scripts.wsi.probe import probe_cucim
 
@@ -29,24 +30,6 @@ def resize_rgb(patch: np.ndarray, out_size: int) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.fromarray(patch).resize((out_size, out_size), Image.BILINEAR))
-
-
-def crosses_edge(xy, size: int, downsample: float, level_size: tuple[int, int]) -> bool:
-    """True when the (size x size) region at level-0 ``xy`` = (x, y) runs past the read level's edge."""
-    lx, ly = int(math.floor(xy[0] / downsample)), int(math.floor(xy[1] / downsample))
-    return lx < 0 or ly < 0 or lx + size > level_size[0] or ly + size > level_size[1]
-
-
-def paint_outside_white(patch, xy, size: int, downsample: float, level_size: tuple[int, int]):
-    """Set the part of ``patch`` (H, W, C; a numpy array or a torch tensor, changed in place and returned)
-    that lies past the read level's edge (``level_size`` = width, height) to white."""
-    level_w, level_h = level_size
-    lx, ly = int(math.floor(xy[0] / downsample)), int(math.floor(xy[1] / downsample))
-    patch[max(0, level_h - ly):, :] = 255
-    patch[:, max(0, level_w - lx):] = 255
-    patch[: max(0, -ly), :] = 255
-    patch[:, : max(0, -lx)] = 255
-    return patch
 
 
 class PatchReader:
@@ -110,8 +93,6 @@ class PatchReader:
         if len(coords) == 0:
             return
         if self.backend == "cucim" and decode_device == "cuda":
-            from scripts.wsi.gpu_decode import cucim_cuda_batches
-
             yield from cucim_cuda_batches(self.handle.raw, coords, size, level, int(out_size), batch_size, num_workers,
                                           self.handle.level_downsamples[level], self.handle.level_dimensions[level])
             return

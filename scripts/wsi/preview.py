@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.io_utils import atomic_path
+from scripts.utils.io_utils import atomic_path
 
 
 def save_preview(

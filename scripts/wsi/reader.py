@@ -38,7 +38,7 @@ from scripts.wsi.mpp import MppError
 from scripts.wsi.open import open_slide
 from scripts.wsi.patches import PatchReader, iter_patch_batches, resize_rgb, warm_up  # noqa: F401 - re-exported
 from scripts.wsi.probe import probe_cucim  # noqa: F401 - re-exported
-from scripts.quiet import native_output_silenced  # noqa: F401 - re-exported (benchmarks)
+from scripts.utils.quiet import native_output_silenced  # noqa: F401 - re-exported (benchmarks)
 
 __all__ = [
     "SlideWSIReader", "DEFAULT_BACKENDS", "SlideHandle", "SlideReadError", "open_slide", "probe_cucim",

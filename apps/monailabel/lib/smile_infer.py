@@ -3,14 +3,14 @@
 MONAI Label's ``/infer/wsi_v2/<model>`` endpoint (what QuPath's and DSA's extensions call) cuts the
 requested region into tiles (``tile_size``, 1024 px by default) and calls the task once per tile with that
 tile's level-0 ``location`` and ``size``. A slide-level MIL model cannot answer one tile on its own: its
-attention is a softmax over the whole slide. So the task runs :class:`scripts.predict.SlidePredictor` once
+attention is a softmax over the whole slide. So the task runs :class:`scripts.workflows.predict.SlidePredictor` once
 per slide - the bundle's own reader, tissue mask, patch grid, encoder and fold ensemble, the same code as
-``configs/inference.json`` - keeps the :class:`~scripts.predict.SlidePrediction` in memory (keyed by the
+``configs/inference.json`` - keeps the :class:`~scripts.workflows.predict.SlidePrediction` in memory (keyed by the
 slide file's path, size and modification time, the µm/px used and the predictor's model fingerprint), and
 for each tile returns:
 
 * the tile's patches merged per attention tier (``Attention high`` = top 10 % of the slide's patches,
-  ``medium`` = next 40 %, ``low``) into a few hole-free polygons (:func:`scripts.attention_outputs.tier_outlines`);
+  ``medium`` = next 40 %, ``low``) into a few hole-free polygons (:func:`scripts.formats.attention_outputs.tier_outlines`);
 * on the first tile only, one element whose label carries the slide's result, e.g.
   ``SMILE: STAS predicted, P(STAS)=0.612, threshold 0.516``, outlined by the bounding box of the slide's
   tissue patches (a label is the only text ASAP XML and the QuPath extension carry per polygon).
@@ -33,8 +33,8 @@ from typing import Any
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from scripts.attention_outputs import ATTENTION_TIERS, tier_outlines
-from scripts.errors import BundleError
+from scripts.formats.attention_outputs import ATTENTION_TIERS, tier_outlines
+from scripts.utils.errors import BundleError
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def tissue_box(prediction, slide_size: tuple[int, int] | None) -> list[list[floa
 
 
 class SmileInfer(InferTask):
-    """MONAI Label infer task over a :class:`scripts.predict.SlidePredictor` (built lazily, loaded once).
+    """MONAI Label infer task over a :class:`scripts.workflows.predict.SlidePredictor` (built lazily, loaded once).
 
     Args:
         predictor_factory: returns the loaded predictor (called once, on the first request or by ``warm_up``).
@@ -138,7 +138,7 @@ class SmileInfer(InferTask):
 
     # ------------------------------------------------------------------------------------------ caching
     def prediction(self, path: Path, slide_id: str, mpp: float | None):
-        """The slide's :class:`~scripts.predict.SlidePrediction`, computed once per (file, µm/px, model).
+        """The slide's :class:`~scripts.workflows.predict.SlidePrediction`, computed once per (file, µm/px, model).
 
         Returns (prediction, computed_now). Tiles of one slide asked for at the same time wait for the
         first one's computation instead of repeating it."""

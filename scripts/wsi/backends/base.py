@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.errors import BundleError
+from scripts.utils.errors import BundleError
 
 
 class SlideReadError(BundleError, RuntimeError):

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from scripts.quiet import native_output_silenced
+from scripts.utils.quiet import native_output_silenced
 from scripts.wsi.backends.base import SlideHandle, to_rgb
 
 _MONAI_READERS: dict[str, object] = {}

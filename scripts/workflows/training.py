@@ -10,14 +10,15 @@ set in the config reaches every one of them.
 Python API (a thin layer over the same config path)::
 
     from scripts.networks import build_mil_network
-    from scripts.training import TrainSettings, train_fold, run_cross_validation, predict, training_parser
+    from scripts.engines.mil import predict
+    from scripts.workflows.training import TrainSettings, train_fold, run_cross_validation, training_parser
 
     factory = functools.partial(build_mil_network, "smile", factor=0.5)   # called as factory(in_dim=D)
     model, history = train_fold(factory, train_bags, val_bags, TrainSettings(epochs=50))
     probs = predict(model, test_bags)
     result = run_cross_validation(factory, bags, splits, TrainSettings(), output_dir="out")
     parser = training_parser({"epochs": 50, "lr": 1e-3})   # configs/train.json with overrides, e.g. for
-    # scripts.compare.compare_methods(..., parser=parser)
+    # scripts.experiments.compare.compare_methods(..., parser=parser)
 
 * a *network factory* is any callable ``factory(in_dim=D) -> MILNetwork`` (a class, a
   ``functools.partial`` of :func:`scripts.networks.build_mil_network`, a config item with
@@ -33,7 +34,7 @@ Python API (a thin layer over the same config path)::
 Each epoch the :class:`monai.engines.SupervisedTrainer` (custom iteration: packed bags, one logit per
 bag, BCE-with-logits) runs over the training bags, then a :class:`monai.engines.SupervisedEvaluator`
 with a :class:`monai.handlers.ROCAUC` metric scores the validation bags; the best epoch's weights are
-kept (:class:`scripts.handlers.BestEpochSelection`). The test fold is never looked at while training.
+kept (:class:`scripts.engines.handlers.BestEpochSelection`). The test fold is never looked at while training.
 """
 
 from __future__ import annotations
@@ -52,54 +53,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from scripts.formats.checkpoints import build_from_checkpoint, copy_checkpoint, network_spec, save_checkpoint
+from scripts.formats.checkpoints import copy_checkpoint, save_checkpoint
+from scripts.networks.methods import build_from_checkpoint, network_spec
 from scripts.formats.fingerprint import FINGERPRINT_METHOD, file_fingerprint
 from scripts.formats.layout import OutputLayout
-from scripts.io_utils import write_csv, write_json
+from scripts.utils.io_utils import write_csv, write_json
 from scripts.metrics import classification_report, format_ci, nan_to_none, plot_roc, youden_threshold
-from scripts.distributed import is_main_process, unwrap
-from scripts.feature_norm import check_feature_norm, fit_feature_norm, standardize_bags
-from scripts.mil_data import Bag, BagDataset, collate_bags, feature_dim
+from scripts.utils.distributed import is_main_process
+from scripts.engines.mil import THRESHOLD_FALLBACK, THRESHOLD_KEYS, THRESHOLD_SOURCE, predict
+from scripts.data.feature_norm import check_feature_norm, fit_feature_norm, standardize_bags
+from scripts.data.bags import Bag, BagDataset, collate_bags, feature_dim
 
 logger = logging.getLogger(__name__)
-
-THRESHOLD_SOURCE = "youden on the fold's validation slides"
-THRESHOLD_FALLBACK = "fallback 0.5 (validation set empty or one class)"
-THRESHOLD_KEYS = ("accuracy", "balanced_accuracy", "f1", "sensitivity", "specificity")
-
-
-def create_optimizer(
-    params, name: str = "ranger", lr: float = 2e-4, weight_decay: float = 1e-5,
-    betas=(0.95, 0.999), eps: float = 1e-5, **kwargs,
-):  # fmt: skip
-    """An optimiser by name for a model or parameters: ``ranger`` or any timm name.
-
-    ``ranger`` (the default, the official SMILE optimiser) is :class:`scripts.optim.Ranger`: Ranger
-    20.4.11 = RAdam (betas 0.95/0.999, eps 1e-5, rectified when the SMA length exceeds 5) + Lookahead
-    (k 6, alpha 0.5) + gradient centralisation on tensors with more than one dimension + decoupled
-    weight decay on every parameter. Every other name goes to timm's factory
-    (``timm.optim.create_optimizer_v2``: ``lookahead_radam``, ``adam``, ``adamw``, ...); note that timm's
-    ``lookahead_radam`` is *not* Ranger 20.4.11 (no gradient centralisation, coupled L2 decay, no
-    decay on biases and normalisation parameters).
-
-    Note: RAdam's rectification is an implicit warm-up of roughly 1/(1 - beta2) steps; on a small
-    cohort (a few optimiser steps per epoch) it learns slowly in the first hundreds of steps.
-    """
-    if str(name).lower() == "ranger":
-        from scripts.optim import Ranger
-
-        if isinstance(params, nn.Module):
-            params = params.parameters()
-        return Ranger(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, **kwargs)
-    from timm.optim import create_optimizer_v2
-
-    return create_optimizer_v2(params, opt=name, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, **kwargs)
-
-
-def ranger(params, lr: float = 2e-4, weight_decay: float = 1e-5, betas=(0.95, 0.999), eps: float = 1e-5):
-    """Ranger 20.4.11 with the SMILE settings (:class:`scripts.optim.Ranger`); see :func:`create_optimizer`."""
-    return create_optimizer(params, "ranger", lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
-
 
 @dataclass
 class TrainSettings:
@@ -127,7 +92,7 @@ class TrainSettings:
         num_threads: torch CPU threads while training (None = torch's default). Tiny bags (MUSK,
             small demo bags) train faster on 1 thread, especially on a busy machine.
         distributed: under torchrun: DDP + DistributedSampler (``configs/multi_gpu_train.json``).
-        feature_norm: ``"none"`` or ``"standardize"`` (:mod:`scripts.feature_norm`: per-dimension mean and
+        feature_norm: ``"none"`` or ``"standardize"`` (:mod:`scripts.data.feature_norm`: per-dimension mean and
             standard deviation fitted on each fold's training bags only, stored in its checkpoint).
     """
 
@@ -190,82 +155,6 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", trust: bool | None = 
 # ----------------------------------------------------------------------------------------------- engines
 
 
-def _forward(model: nn.Module, x: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> dict:
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # wraps scripts.distributed.PackedForward
-        return model(x, bag_index, n_bags)
-    if hasattr(model, "forward_packed"):
-        return model.forward_packed(x, bag_index, n_bags)
-    return {"logits": model(x, bag_index, n_bags)}
-
-
-def _to_device(batch: dict, device: torch.device, non_blocking: bool):
-    return (
-        batch["features"].to(device, non_blocking=non_blocking),
-        batch["bag_index"].to(device, non_blocking=non_blocking),
-        int(batch["n_bags"]),
-        batch["label"].to(device, non_blocking=non_blocking),
-    )
-
-
-def mil_train_iteration(engine, batch: dict) -> list[dict]:
-    """One optimiser step on a packed batch: bag BCE plus the network's ``training_loss_terms``.
-
-    The output is a one-item list (the packed batch is one item): MONAI handlers read it with
-    ``from_engine(["loss"], first=True)``, as they read a decollated batch (e.g. the ``MLFlowHandler``
-    that ``--tracking mlflow`` adds)."""
-    model = engine.network
-    if not model.training:
-        model.train()
-    x, bag_index, n_bags, labels = _to_device(batch, engine.state.device, engine.non_blocking)
-    if x.shape[0] < 2:  # BatchNorm cannot train on a single instance; skip this (one-patch, one-bag) batch
-        return [{"label": labels, "pred": torch.zeros_like(labels), "loss": torch.tensor(math.nan), "n_bags": n_bags}]
-    engine.optimizer.zero_grad(set_to_none=True)
-    out = _forward(model, x, bag_index, n_bags)
-    loss = engine.loss_function(out["logits"], labels)
-    inner = unwrap(model)
-    extra = inner.training_loss_terms(out, x, bag_index, labels) if hasattr(inner, "training_loss_terms") else {}
-    total = loss + sum(extra.values()) if extra else loss
-    total.backward()
-    engine.optimizer.step()
-    return [{"label": labels, "pred": out["logits"].detach(), "loss": total.detach(), "n_bags": n_bags}]
-
-
-def mil_eval_iteration(engine, batch: dict) -> dict:
-    """Predict a packed batch in eval mode: ``pred`` probabilities, ``logits``, ``label``."""
-    model = engine.network
-    if model.training:
-        model.eval()
-    x, bag_index, n_bags, labels = _to_device(batch, engine.state.device, engine.non_blocking)
-    with torch.no_grad():
-        logits = _forward(model, x, bag_index, n_bags)["logits"].float()
-    return {"pred": torch.sigmoid(logits), "logits": logits, "label": labels, "bag_id": batch["bag_id"]}
-
-
-def bag_loader(
-    dataset, batch_size: int = 12, shuffle: bool = False, seed: int = 0, num_workers: int = 0, device: Any = "cpu",
-    distributed: bool = False,
-) -> DataLoader:
-    """A DataLoader of packed bags (:func:`scripts.mil_data.collate_bags`) over a ``BagDataset`` or bags.
-
-    With ``distributed`` and ``shuffle`` under torchrun, each rank trains on its share of the bags through a
-    ``DistributedSampler`` (MONAI's trainer calls ``set_epoch`` every epoch); validation and prediction
-    loaders stay whole, so every rank computes the same metrics.
-    """
-    if not isinstance(dataset, torch.utils.data.Dataset):
-        dataset = BagDataset(dataset)
-    generator = torch.Generator().manual_seed(int(seed))
-    sampler = None
-    if distributed and shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler, shuffle = DistributedSampler(dataset, shuffle=True, seed=int(seed)), False
-    return DataLoader(
-        dataset, batch_size=int(batch_size), shuffle=shuffle, sampler=sampler, collate_fn=collate_bags,
-        num_workers=int(num_workers), generator=generator, pin_memory=torch.device(device).type == "cuda",
-        persistent_workers=int(num_workers) > 0,
-    )  # fmt: skip
-
-
 def train_fold(
     network_factory: Callable[..., nn.Module] | nn.Module,
     train_bags: Sequence[Bag],
@@ -294,7 +183,7 @@ def train_fold(
     overrides = settings.config_overrides() if settings is not None else {}
     overrides.update({
         "network_factory": network_factory,
-        "train#network": "$scripts.training.build_network(@network_factory, @feature_dim).to(@device)",
+        "train#network": "$scripts.workflows.training.build_network(@network_factory, @feature_dim).to(@device)",
     })  # fmt: skip
     seed = settings.seed if settings is not None else int(parser.get_parsed_content("seed"))
     model, history = train_from_config(parser, train_bags, val_bags, fold_dir, seed, run_name=desc, overrides=overrides)
@@ -316,19 +205,6 @@ class _quiet_ignite:
             lg.setLevel(level)
 
 
-def predict(model: nn.Module, bags: Sequence[Bag], batch_size: int = 12, device: Any = None, num_workers: int = 0) -> np.ndarray:
-    """Probabilities (sigmoid of the bag logit) of ``bags``, in order, in eval mode."""
-    device = next(model.parameters()).device if device is None else torch.device(device)
-    model = model.to(device).eval()
-    loader = DataLoader(BagDataset(bags), batch_size=batch_size, shuffle=False, collate_fn=collate_bags, num_workers=num_workers)
-    out = []
-    with torch.no_grad():
-        for batch in loader:
-            x, bag_index, n_bags, _ = _to_device(batch, device, False)
-            out.append(torch.sigmoid(_forward(model, x, bag_index, n_bags)["logits"].float()).cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0)
-
-
 # ----------------------------------------------------------------------------------------------- cross-validation
 
 
@@ -336,7 +212,7 @@ def predict(model: nn.Module, bags: Sequence[Bag], batch_size: int = 12, device:
 class CVResult:
     """What :func:`run_cross_validation` returns: ``summary`` (as in ``summary.json``), out-of-fold
     ``predictions`` (one dict per test slide), the fold ``models``, their ``histories`` and their feature
-    standardisers (``feature_norms``: one :class:`~scripts.feature_norm.FeatureStandardizer` or None per
+    standardisers (``feature_norms``: one :class:`~scripts.data.feature_norm.FeatureStandardizer` or None per
     fold; a fold model takes its bags through it)."""
 
     summary: dict
@@ -357,7 +233,7 @@ def run_cross_validation(
     train_one: Callable[[int, list, list], tuple[nn.Module, dict]] | None = None,
     settings_description: dict | None = None,
 ) -> CVResult:
-    """Train and test one network per fold of ``splits`` (see :mod:`scripts.splits`).
+    """Train and test one network per fold of ``splits`` (see :mod:`scripts.data.splits`).
 
     ``train_one(k, train_bags, val_bags) -> (model, history)`` trains fold ``k``;
     :func:`config_cross_validation` (``run training``, the comparison, the ablation) passes one that
@@ -365,7 +241,7 @@ def run_cross_validation(
     ``network_factory`` and ``settings`` (seed + k), which is the same config path.
 
     Per fold: with ``settings.feature_norm == "standardize"`` a standardiser fitted on the fold's train
-    bags only (:mod:`scripts.feature_norm`) is applied to its train, val and test bags; then the network
+    bags only (:mod:`scripts.data.feature_norm`) is applied to its train, val and test bags; then the network
     is trained on the train bags with the val bags for selection, a threshold chosen on the val
     bags (Youden), then the test bags are predicted. With ``output_dir``,
     ``<output_dir>/cv/`` receives ``fold<k>/model.pt`` (+ ``history.csv``, ``predictions.csv``),
@@ -514,10 +390,10 @@ def active_config_parser():
         frame = frame.f_back
     raise RuntimeError("no monai.bundle config is being evaluated: config_cross_validation, config_train_all, the "
                        "comparison, the ablation and the transfer take the training config from it; outside a config "
-                       "pass parser= (e.g. scripts.training.training_parser())")
+                       "pass parser= (e.g. scripts.workflows.training.training_parser())")
 
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_CONFIG = BUNDLE_ROOT / "configs" / "train.json"
 
 
@@ -542,13 +418,13 @@ def training_parser(overrides: dict | None = None, config_file: str | Path | Seq
 
 def config_parser_for(parser, output_dir, stage: str):
     """The training config of a comparison / ablation / transfer run: ``parser`` or the one evaluating the
-    current config expression (:func:`scripts.training.active_config_parser`). A first positional argument
+    current config expression (:func:`scripts.workflows.training.active_config_parser`). A first positional argument
     that is not a folder gets a clear error (these functions used to take a ``TrainSettings`` there)."""
     import os
 
     if not isinstance(output_dir, (str, os.PathLike)):
         raise TypeError(f"{stage}: output_dir must be a folder, got {type(output_dir).__name__}; the training settings "
-                        "come from the config (parser=scripts.training.training_parser({...}) from Python)")
+                        "come from the config (parser=scripts.workflows.training.training_parser({...}) from Python)")
     return parser if parser is not None else active_config_parser()
 
 
@@ -589,7 +465,7 @@ def _train_from_config(parser, train_bags, val_bags, fold_dir, seed, run_name, b
     from monai.handlers import TensorBoardHandler
     from monai.utils import set_determinism
 
-    from scripts.handlers import EpochHistory
+    from scripts.engines.handlers import EpochHistory
 
     fold = ConfigParser(copy.deepcopy(parser.get()), globals=dict(parser.globals))
     for key, value in (overrides or {}).items():
@@ -722,8 +598,8 @@ def config_train_all(bags: Sequence[Bag], output_dir: str | Path, parser=None) -
 
 
 def data_provenance(train: Sequence[Bag], val: Sequence[Bag]) -> dict:
-    """The slides and patients a fold model was trained and validated on (``scripts.heldout`` checks
-    cohorts against them; ``scripts.evaluate`` refuses cohorts that share patients or slides).
+    """The slides and patients a fold model was trained and validated on (``scripts.data.heldout`` checks
+    cohorts against them; ``scripts.workflows.evaluate`` refuses cohorts that share patients or slides).
 
     ``training_slides`` holds, per training and validation slide, its id, patient, part and the content
     fingerprints of its slide file and feature file (:func:`scripts.formats.fingerprint.file_fingerprint`;
@@ -773,7 +649,6 @@ def write_history_csv(path: str | Path, history: dict) -> None:
 
 
 __all__ = [
-    "TrainSettings", "CVResult", "train_fold", "predict", "run_cross_validation", "ranger", "create_optimizer",
-    "build_network", "network_spec", "save_checkpoint", "load_checkpoint", "bag_loader", "train_from_config",
+    "TrainSettings", "CVResult", "train_fold", "run_cross_validation", "build_network", "load_checkpoint", "train_from_config",
     "config_cross_validation", "config_train_all", "active_config_parser", "training_parser", "training_description",
 ]  # fmt: skip

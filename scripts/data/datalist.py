@@ -19,7 +19,7 @@ needs only ``slide_id`` and ``path`` or ``features``: a datalist of new slides i
                 then report how well the attention localises them (``scripts.metrics.localisation``)
 
 Every problem in a datalist is found before any heavy work starts and reported in one error.
-With ``check_duplicates`` (every cohort that is split or scored: :func:`scripts.mil_data.bags_from_datalist`),
+With ``check_duplicates`` (every cohort that is split or scored: :func:`scripts.data.bags.bags_from_datalist`),
 two rows whose slide files or feature files have the same content (:mod:`scripts.formats.fingerprint`;
 the same path twice, or a copy under another name) are one of those problems: the same slide on two rows
 could land in the training and the test part of a fold.
@@ -34,7 +34,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scripts.errors import BundleError
+from scripts.utils.errors import BundleError
 from scripts.formats.fingerprint import describe_duplicates, duplicate_contents
 
 REQUIRED_COLUMNS = ("slide_id", "path", "label", "patient_id", "center")

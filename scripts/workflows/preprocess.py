@@ -29,10 +29,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from scripts.datalist import SlideRecord, load_datalist
-from scripts.errors import raise_if_all_failed
+from scripts.data.datalist import SlideRecord, load_datalist
+from scripts.utils.errors import raise_if_all_failed
 from scripts.formats.layout import OutputLayout
-from scripts.io_utils import write_csv
+from scripts.utils.io_utils import write_csv
 from scripts.wsi import mpp as mpp_lib
 from scripts.formats.patch_file import read_patch_file, slide_fingerprint, write_patch_file
 from scripts.wsi.preview import save_preview
@@ -40,7 +40,7 @@ from scripts.wsi.open import DEFAULT_BACKENDS, SlideReadError
 from scripts.wsi.probe import probe_cucim
 from scripts.wsi.tissue import TissueParams, warm_up_itk
 
-logger = logging.getLogger("scripts.preprocess")
+logger = logging.getLogger("scripts.workflows.preprocess")
 
 SUMMARY_COLUMNS = [
     "slide_id", "status", "error", "warning", "mpp", "mpp_source", "backend", "level", "level_downsample",
@@ -109,7 +109,7 @@ def run_slide_transforms(transforms, data: dict) -> tuple[dict, dict]:
             data = step(data)
         except Exception as error:
             # MONAI wraps a transform's error in "applying transform ..."; the slide's own error is more useful
-            from scripts.errors import find_bundle_error
+            from scripts.utils.errors import find_bundle_error
 
             raise (find_bundle_error(error) or error) from error
         seconds[name] = time.perf_counter() - start
@@ -328,7 +328,7 @@ class PreprocessWorkflow:
 
 
 def run(datalist: str, output_dir: str, **overrides) -> None:
-    """Command-line entry without the bundle config: ``python -m scripts.preprocess run --datalist ...``
+    """Command-line entry without the bundle config: ``python -m scripts.workflows.preprocess run --datalist ...``
     (keyword overrides: any PreprocessSettings or TissueParams field, and num_workers)."""
     tissue_keys = set(TissueParams.__dataclass_fields__)
     tissue = TissueParams(**{k: overrides.pop(k) for k in list(overrides) if k in tissue_keys})

@@ -1,6 +1,6 @@
 """A deterministic, synthetic demo cohort of small pyramidal whole-slide TIFFs.
 
-Run ``python -m scripts.demo_cohort --out data/demo/cohort``. It writes ``slides/<slide_id>.tiff`` and
+Run ``python -m scripts.demo.cohort --out data/demo/cohort``. It writes ``slides/<slide_id>.tiff`` and
 ``datalist.csv`` (columns ``slide_id,path,label,patient_id,center``, paths relative to the CSV): the
 same datalist format users give for their own cohorts.
 
@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from scripts.io_utils import atomic_path, write_csv, write_json
+from scripts.utils.io_utils import atomic_path, write_csv, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def find_cmu_region() -> Path | None:
                 return candidate
     except (ImportError, ValueError):
         pass
-    cache = Path(__file__).resolve().parents[1] / "data" / "cache"
+    cache = Path(__file__).resolve().parents[2] / "data" / "cache"
     target = cache / "cmu_small_region.svs"
     if target.exists():
         return target

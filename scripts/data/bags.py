@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from scripts.datalist import DatalistError, load_datalist
+from scripts.data.datalist import DatalistError, load_datalist
 from scripts.formats.fingerprint import describe_duplicates, duplicate_contents
 from scripts.formats.feature_file import (  # noqa: F401 - the one home of feature files; re-exported here
     FEATURE_SUFFIXES, FeatureFileError, FeatureMismatchError, cohort_record, feature_info, feature_shape,
@@ -87,7 +87,7 @@ def bags_from_datalist(
     files were looked for. A cohort that mixes feature sizes, encoders or patch scales is refused.
     The returned list's ``feature_record`` (encoder, feature_dim, target_mpp) goes into each fold checkpoint.
     Two rows whose slide files or feature files (found either way) have the same content are refused
-    (:class:`scripts.datalist.DatalistError` naming both rows).
+    (:class:`scripts.data.datalist.DatalistError` naming both rows).
     """
     records = load_datalist(datalist, require_labels=require_labels, check_files=False, require_slides=False,
                             check_duplicates=True)

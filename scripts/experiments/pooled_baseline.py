@@ -7,7 +7,7 @@ on benchmarks the network was not tuned on, a MIL network within a point of this
 that pooling does not give (docs/benchmarks.md).
 
 :func:`pooled_cross_validation` returns the same ``summary``/``predictions`` layout as
-``scripts.training.run_cross_validation`` (threshold from each fold's validation bags, Youden; patient
+``scripts.workflows.training.run_cross_validation`` (threshold from each fold's validation bags, Youden; patient
 bootstrap interval), so the comparison treats it as one more method (``FLOOR_NAME``).
 """
 
@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from scripts.metrics import classification_report, nan_to_none, youden_threshold
-from scripts.mil_data import Bag
+from scripts.data.bags import Bag
 
 FLOOR_NAME = "pooled_logreg"
 DESCRIPTION = "mean+max pooled instance features, StandardScaler + LogisticRegression (L2, C=1)"
@@ -60,7 +60,7 @@ def predict_pooled(model, bags: Sequence[Bag]) -> np.ndarray:
 def pooled_cross_validation(bags: Sequence[Bag], splits: dict, n_bootstrap: int = 2000, C: float = 1.0) -> dict:
     """The floor on every fold of ``splits``: fit on train, threshold on val (Youden), score test.
 
-    Returns ``{"summary", "predictions"}`` with the layout of :func:`scripts.training.run_cross_validation`.
+    Returns ``{"summary", "predictions"}`` with the layout of :func:`scripts.workflows.training.run_cross_validation`.
     """
     by_id = {b.bag_id: b for b in bags}
     cache: dict[str, np.ndarray] = {}

@@ -7,7 +7,7 @@ the centre's slides are split by patient (stratified) into training and validati
 trained on the first and its epoch selected on the second (the test centres are never looked at), then
 every other centre is predicted. Every model, the diagonal's fold models too, is trained by
 ``train.json``'s ``train`` / ``validate`` sections with all their handlers
-(:func:`scripts.training.train_from_config`; the method is a config override, the run name
+(:func:`scripts.workflows.training.train_from_config`; the method is a config override, the run name
 ``<method>/<centre>``, the folder a temporary one: no models are kept). The diagonal is the centre's own patient-level cross-validation
 (pooled out-of-fold AUC, ``transfer_diagonal="cv"``) or ``n/a`` (``"none"``); an ``other centres``
 column scores all other centres together.
@@ -29,12 +29,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from scripts.errors import BundleError
-from scripts.feature_norm import check_feature_norm, fit_feature_norm, standardize_bags
+from scripts.utils.errors import BundleError
+from scripts.data.feature_norm import check_feature_norm, fit_feature_norm, standardize_bags
 from scripts.formats.layout import OutputLayout
-from scripts.io_utils import atomic_path, write_csv, write_json
+from scripts.utils.io_utils import atomic_path, write_csv, write_json
 from scripts.metrics import classification_report, nan_to_none, youden_threshold
-from scripts.mil_data import Bag
+from scripts.data.bags import Bag
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +79,11 @@ def run_transfer(
 
     ``seed`` makes the centres' train/validation splits; the models are seeded by the config's ``seed``.
     ``parser``: the training config (default: the ``monai.bundle`` config being run; from Python e.g.
-    :func:`scripts.training.training_parser`)."""
+    :func:`scripts.workflows.training.training_parser`)."""
     from tqdm.auto import tqdm
 
-    from scripts.methods import method_config_overrides, resolve_methods
-    from scripts.training import config_parser_for, predict, train_from_config, training_description
+    from scripts.networks.methods import method_config_overrides, resolve_methods
+    from scripts.workflows.training import config_parser_for, predict, train_from_config, training_description
 
     parser = config_parser_for(parser, output_dir, "run_transfer")
     if diagonal not in ("cv", "none"):
@@ -199,9 +199,9 @@ def _score(labels, probs, threshold: float, n_bootstrap: int, patients=None) -> 
 
 def _diagonal(diagonal, parser, overrides, own, cv_folds, val_fraction, seed, n_bootstrap, run_prefix="") -> dict:
     """The training centre's own patient-level cross-validation (pooled out-of-fold), each fold trained by
-    the config (:func:`scripts.training.config_cross_validation`, with the run's feature standardisation)."""
-    from scripts.splits import SplitError, make_splits
-    from scripts.training import config_cross_validation
+    the config (:func:`scripts.workflows.training.config_cross_validation`, with the run's feature standardisation)."""
+    from scripts.data.splits import SplitError, make_splits
+    from scripts.workflows.training import config_cross_validation
 
     if diagonal == "none":
         return {"auc": None, "n": len(own), "note": "n/a (within-centre; transfer_diagonal=none)"}

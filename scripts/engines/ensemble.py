@@ -1,6 +1,6 @@
 """The fold ensemble: one component that loads a training run's fold models (or one model), gives the
-operating threshold by one rule, and scores bags. Evaluation (:func:`scripts.evaluate.evaluate_cohort`)
-and inference (:class:`scripts.predict.SlidePredictor`) both use it, so on the same checkpoints they
+operating threshold by one rule, and scores bags. Evaluation (:func:`scripts.workflows.evaluate.evaluate_cohort`)
+and inference (:class:`scripts.workflows.predict.SlidePredictor`) both use it, so on the same checkpoints they
 report the same threshold and the same probabilities.
 
 The threshold rule (:data:`ENSEMBLE_THRESHOLD_RULE`): the mean of the fold models' operating thresholds,
@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from scripts.feature_norm import FeatureStandardizer
-from scripts.formats.checkpoints import CheckpointError, build_from_checkpoint, load_into_network, resolve_checkpoints
-from scripts.training import THRESHOLD_FALLBACK, predict
+from scripts.data.feature_norm import FeatureStandardizer
+from scripts.formats.checkpoints import CheckpointError, load_into_network, resolve_checkpoints
+from scripts.networks.methods import build_from_checkpoint
+from scripts.engines.mil import THRESHOLD_FALLBACK, predict
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def predict_bag(
     """Probability (mean over models of sigmoid(logit)), attention (N,) (mean over models; sums to 1),
     and each model's probability. ``features`` is (N, D); models take channel-first (1, D, N) bags and have
     ``forward_with_attention``. ``feature_norms``: per model, the transform its fold was trained with
-    (:class:`scripts.feature_norm.FeatureStandardizer`) or None."""
+    (:class:`scripts.data.feature_norm.FeatureStandardizer`) or None."""
     if features.ndim != 2 or features.shape[0] == 0:
         raise ValueError(f"a bag needs at least one patch feature (N, D); got shape {tuple(features.shape)}")
     raw = features.to(device, non_blocking=True)
@@ -147,7 +148,7 @@ class FoldEnsemble:
         return len(self.load().models)
 
     def named_checkpoints(self) -> list[tuple[str, dict]]:
-        """(name, checkpoint record) of each model, for :func:`scripts.heldout.check_overlap`."""
+        """(name, checkpoint record) of each model, for :func:`scripts.data.heldout.check_overlap`."""
         self.load()
         return list(zip(self.names, self.extras))
 
@@ -157,7 +158,7 @@ class FoldEnsemble:
         return predict_bag(self.models, features, self.device, inferer, self.feature_norms)
 
     def score_bags(self, bags: Sequence, batch_size: int = 12) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Many bags (:class:`scripts.mil_data.Bag`) through every model in packed batches: (mean probability
+        """Many bags (:class:`scripts.data.bags.Bag`) through every model in packed batches: (mean probability
         per bag, each model's probabilities). For models rebuilt from their checkpoints (``network_def`` None)."""
         self.load()
         per_model = [predict(model, norm.apply(bags) if norm is not None else bags, batch_size=batch_size,

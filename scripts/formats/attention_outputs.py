@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from scripts.io_utils import atomic_path
+from scripts.utils.io_utils import atomic_path
 
 # QuPath classes of the exported tiles: the top 10% most attended, the next 40%, the rest.
 ATTENTION_TIERS = (

@@ -1,6 +1,6 @@
 """Print parameter count and forward / forward+backward time of every registered MIL network.
 
-    python -m scripts.networks.benchmark --n_bags 8 --n_instances 2000 --in_dim 768 --device cpu
+    python -m scripts.benchmarks.networks --n_bags 8 --n_instances 2000 --in_dim 768 --device cpu
 
 Bags are random packed features of ``n_instances`` each (sizes vary +-50 %, seeded). Times are the
 median of ``repeats`` runs after one warm-up; figures, not assertions.

@@ -36,10 +36,10 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from scripts.datalist import load_datalist
-from scripts.errors import raise_if_all_failed
+from scripts.data.datalist import load_datalist
+from scripts.utils.errors import raise_if_all_failed
 from scripts.formats.layout import OutputLayout
-from scripts.io_utils import atomic_path, write_csv
+from scripts.utils.io_utils import atomic_path, write_csv
 from scripts.networks.encoders import Encoder
 from scripts.formats.feature_file import FeatureWriter, load_features, write_pt_file
 from scripts.formats.feature_file import feature_file_is_complete as _feature_file_is_complete
@@ -416,7 +416,7 @@ def extract_slide(
     world: int = 1,
     on_batch: Callable[[int], object] | None = None,
 ) -> dict:
-    """Features of one slide (a :class:`scripts.datalist.SlideRecord`): reads
+    """Features of one slide (a :class:`scripts.data.datalist.SlideRecord`): reads
     ``<output_dir>/patches/<slide_id>.h5``, writes ``<output_dir>/features/<slide_id>.h5`` atomically and
     returns the slide's ``extract_summary.csv`` row (status ``ok``, ``skipped`` when a complete file from the
     same slide file and encoder exists, ``empty``, ``precomputed`` or ``failed`` with the error).

@@ -1,6 +1,6 @@
 """Publish a trained model as the bundle's ``models/model.pt`` (the state_dict of ``network_def``).
 
-    python -m scripts.publish_model --checkpoint <train_out>/cv/model.pt [--out models/model.pt]
+    python -m scripts.workflows.publish_model --checkpoint <train_out>/cv/model.pt [--out models/model.pt]
     python -m monai.bundle run publish --config_file configs/train.json --output_dir <train_out>   # the same
 
 ``<train_out>/cv/model.pt`` is the cross-validation fold with the best validation AUC (written by the

@@ -32,10 +32,10 @@ from typing import Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from scripts.errors import BundleError
+from scripts.utils.errors import BundleError
 from scripts.formats.layout import OutputLayout
-from scripts.io_utils import write_json
-from scripts.mil_data import Bag
+from scripts.utils.io_utils import write_json
+from scripts.data.bags import Bag
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def load_or_make_splits(
         except (OSError, json.JSONDecodeError) as error:
             raise SplitError(f"cannot read splits {source}: {error}") from error
         if not isinstance(splits, dict):
-            raise SplitError(f"{source} is not a splits file (a JSON object with 'folds'); see scripts/splits.py")
+            raise SplitError(f"{source} is not a splits file (a JSON object with 'folds'); see scripts/data/splits.py")
         difference = settings_difference(splits, n_folds, val_fraction, seed, require_all=reuse)
         if reuse:
             listed = {s for f in splits.get("folds", []) for part in ("train", "val", "test") for s in f.get(part, [])}
@@ -211,7 +211,7 @@ def load_or_make_splits(
         splits = None
     if splits is None:
         splits = make_splits(bags, n_folds=n_folds, val_fraction=val_fraction, seed=seed)
-    from scripts.distributed import is_main_process
+    from scripts.utils.distributed import is_main_process
 
     if is_main_process():  # under torchrun every rank makes the same splits; rank 0 writes them
         write_json(target, splits)

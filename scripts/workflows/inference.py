@@ -7,15 +7,15 @@ load)::
         --datalist <csv> --output_dir <dir> [--checkpoints <train_out>/cv]
 
 It declares the slide reader, the slide -> patch-grid ``Compose`` (``slide_transforms``), the patch-reading
-``Compose`` (``extract_transforms``), the encoder, the network and the :class:`scripts.predict.SlidePredictor`
+``Compose`` (``extract_transforms``), the encoder, the network and the :class:`scripts.workflows.predict.SlidePredictor`
 that ties them together; the blocks it shares with ``preprocess.json`` / ``extract.json`` are written out
 here and kept equal to those files by a test (tests/test_inference.py), so every override those files take
 (``--patch_size``, ``--tissue#min_saturation``, ``--reader_backend``, ``--num_workers``, ``--precision``,
 ``--decode_device``) works the same here. The old config-file list
 ``['configs/extract.json','configs/preprocess.json','configs/inference.json']`` still runs (later files win).
 
-Each slide goes through :meth:`scripts.predict.SlidePredictor.predict_record` (the public per-slide API, also
-``scripts.predict.predict_slide``); this module is the loop over the datalist. Per slide it writes (all
+Each slide goes through :meth:`scripts.workflows.predict.SlidePredictor.predict_record` (the public per-slide API, also
+``scripts.workflows.predict.predict_slide``); this module is the loop over the datalist. Per slide it writes (all
 atomically) ``attention/<slide_id>.h5``, ``heatmaps/<slide_id>.png`` and ``_topk.png``,
 ``geojson/<slide_id>.geojson``; for the run ``predictions.csv`` (slide_id, probability, predicted_label,
 threshold, n_patches, n_models, status, error) and ``inference_timings.csv`` (seconds per stage per slide). A
@@ -37,15 +37,15 @@ from typing import Sequence
 
 import torch
 
-from scripts.datalist import SlideRecord, load_datalist
-from scripts.errors import raise_if_all_failed
+from scripts.data.datalist import SlideRecord, load_datalist
+from scripts.utils.errors import raise_if_all_failed
 from scripts.formats.checkpoints import CheckpointError, load_into_network, resolve_checkpoints  # noqa: F401
 from scripts.formats.feature_file import read_features  # noqa: F401 - re-exported (benchmarks)
 from scripts.formats.layout import OutputLayout
-from scripts.heldout import check_overlap
-from scripts.io_utils import write_csv
+from scripts.data.heldout import check_overlap
+from scripts.utils.io_utils import write_csv
 from scripts.metrics.localisation import SlideAttention, localise_cohort
-from scripts.predict import (  # noqa: F401 - the per-slide parts, re-exported for older imports
+from scripts.workflows.predict import (  # noqa: F401 - the per-slide parts, re-exported for older imports
     FeatureStage, PatchStage, SlidePrediction, SlidePredictor, open_slide_for_outputs, predict_bag,
 )
 
@@ -126,7 +126,7 @@ class SlideInference:
     def run(self) -> list[dict]:
         records = list(self.dataset.records if hasattr(self.dataset, "records") else self.dataset)
         self.predictor.load()
-        # slides of patients a fold model trained or validated on: predicted, with a warning (scripts.heldout)
+        # slides of patients a fold model trained or validated on: predicted, with a warning (scripts.data.heldout)
         check_overlap(records, [(f"model {i}", e) for i, e in enumerate(self.predictor.model_extras)],
                       self.predictor.checkpoints, refuse=False, what="inference")
         self._localisation = []
@@ -186,7 +186,7 @@ def subset_datalist(datalist: str, out: str, n_slides: int = 3, add: Sequence[st
     labelled-positive rows come first) plus the slide files in ``add`` (those that exist; slide_id = file
     stem). Paths become absolute. Used by ``make demo``::
 
-        python -m scripts.inference subset_datalist --datalist data/demo/cohort/datalist.csv \\
+        python -m scripts.workflows.inference subset_datalist --datalist data/demo/cohort/datalist.csv \\
             --out data/demo/out/inference_datalist.csv --n_slides 3 --add ../shared/data/slides/cmu-1-small-region.svs
     """
     records = load_datalist(datalist, require_labels=False)

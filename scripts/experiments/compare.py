@@ -11,10 +11,10 @@ batch size, early stopping, seed, device), the paths and the splits come from ``
 ``compare.json`` adds the methods, the tests and the ablation/transfer grids.
 
 Every chosen method is cross-validated on the same folds (``<out>/splits.json``, made once and reused)
-by :func:`scripts.training.config_cross_validation`: each fold is trained by ``train.json``'s
-``train`` / ``validate`` sections with all their handlers (:func:`scripts.training.train_from_config`,
+by :func:`scripts.workflows.training.config_cross_validation`: each fold is trained by ``train.json``'s
+``train`` / ``validate`` sections with all their handlers (:func:`scripts.workflows.training.train_from_config`,
 the trainer of ``run training``), the method chosen by config overrides (``network_def#name``,
-``network_def#network_kwargs``, ...; :func:`scripts.methods.method_config_overrides`). Outputs under
+``network_def#network_kwargs``, ...; :func:`scripts.networks.methods.method_config_overrides`). Outputs under
 ``<out>/compare/``:
 
 * ``<method>/cv/``: that method's fold models (``fold<k>/`` also holds what the config's handlers write:
@@ -49,14 +49,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from scripts.formats.layout import OutputLayout
-from scripts.io_utils import atomic_path, write_csv, write_json
+from scripts.utils.io_utils import atomic_path, write_csv, write_json
 from scripts.metrics import nan_to_none, plot_roc
 from scripts.metrics.paired import delong_test, paired_bootstrap_auc
-from scripts.methods import DEFAULT_METHODS, resolve_methods  # noqa: F401 - resolve_methods re-exported
-from scripts.mil_data import Bag, BagList, bags_from_datalist, bags_from_npz, feature_shape
-from scripts.pooled_baseline import DESCRIPTION as FLOOR_DESCRIPTION
-from scripts.pooled_baseline import FLOOR_NAME, pooled_cross_validation
-from scripts.training import config_parser_for  # noqa: F401 - re-exported
+from scripts.networks.methods import DEFAULT_METHODS, resolve_methods  # noqa: F401 - resolve_methods re-exported
+from scripts.data.bags import Bag, BagList, bags_from_datalist, bags_from_npz, feature_shape
+from scripts.experiments.pooled_baseline import DESCRIPTION as FLOOR_DESCRIPTION
+from scripts.experiments.pooled_baseline import FLOOR_NAME, pooled_cross_validation
+from scripts.workflows.training import config_parser_for  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -149,9 +149,9 @@ def compare_methods(
     """Train and score every method on ``splits``; write ``<output_dir>/compare/`` (module docstring).
 
     ``parser``: the training config (default: the ``monai.bundle`` config being run; from Python e.g.
-    :func:`scripts.training.training_parser`); every fold of every method is trained by it.
+    :func:`scripts.workflows.training.training_parser`); every fold of every method is trained by it.
 
-    ``floor``: also score the pooled logistic-regression floor (:mod:`scripts.pooled_baseline`, mean +
+    ``floor``: also score the pooled logistic-regression floor (:mod:`scripts.experiments.pooled_baseline`, mean +
     max pooled instance features) on the same folds; it gets a row and a paired test like every method.
     ``paired_bootstrap`` / ``paired_seed``: resamples (default 2000) and seed of the headline paired test
     (:func:`paired_tests`).
@@ -161,8 +161,8 @@ def compare_methods(
     """
     from tqdm.auto import tqdm
 
-    from scripts.methods import count_parameters, method_config_overrides
-    from scripts.training import training_description
+    from scripts.networks.methods import count_parameters, method_config_overrides
+    from scripts.workflows.training import training_description
 
     parser = config_parser_for(parser, output_dir, "compare_methods")
     methods = resolve_methods(methods)
@@ -296,7 +296,7 @@ def _add_floor(bags, splits, n_bootstrap, results: dict, rows: list, out_dir: Pa
 
 
 def _run_cv(parser, overrides, name, bags, splits, output_dir, n_bootstrap, keep_models=False):
-    from scripts.training import config_cross_validation
+    from scripts.workflows.training import config_cross_validation
 
     return config_cross_validation(bags, splits, output_dir=output_dir, n_bootstrap=n_bootstrap, parser=parser,
                                    overrides=overrides, run_prefix=f"{name}/", keep_models=keep_models)
@@ -307,7 +307,7 @@ def out_of_fold_localisation(bags: Sequence[Bag], splits: dict, models: Sequence
                              feature_norms: Sequence[Any] | None = None) -> dict:
     """Localisation outputs under ``output_dir`` from each annotated slide's out-of-fold attention
     (``models`` in the order of ``splits["folds"]``; ``feature_norms``: each fold's feature standardiser or
-    None, as :class:`scripts.training.CVResult` gives them)."""
+    None, as :class:`scripts.workflows.training.CVResult` gives them)."""
     from scripts.metrics.localisation import SlideAttention, bag_attention, localise_cohort, patch_geometry
 
     by_id = {b.bag_id: b for b in bags}

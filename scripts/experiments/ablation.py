@@ -4,7 +4,7 @@
 
 For every (threshold, factor) of the grid (default threshold {0.4, ..., 0.8} x factor {0.3, ..., 0.8})
 SMILE is cross-validated on the same ``<out>/splits.json`` folds, every fold trained by ``train.json``'s
-``train`` / ``validate`` sections with all their handlers (:func:`scripts.training.config_cross_validation`;
+``train`` / ``validate`` sections with all their handlers (:func:`scripts.workflows.training.config_cross_validation`;
 the cell is the config overrides ``network_def#threshold`` and ``network_def#factor``).
 Outputs under ``<out>/ablation/``: ``ablation.csv`` (threshold, factor, fold AUC mean and standard
 deviation, pooled out-of-fold AUC and its 95 % interval, accuracy, F1), ``ablation.json``,
@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from scripts.formats.layout import OutputLayout
-from scripts.io_utils import atomic_path, write_csv, write_json
+from scripts.utils.io_utils import atomic_path, write_csv, write_json
 from scripts.metrics import nan_to_none
 
 logger = logging.getLogger(__name__)
@@ -55,11 +55,11 @@ def run_ablation(
     """Cross-validate ``method`` at every (threshold, factor); write ``<output_dir>/ablation/``; return the rows.
 
     ``parser``: the training config (default: the ``monai.bundle`` config being run; from Python e.g.
-    :func:`scripts.training.training_parser`)."""
+    :func:`scripts.workflows.training.training_parser`)."""
     from tqdm.auto import tqdm
 
-    from scripts.methods import method_config_overrides
-    from scripts.training import config_cross_validation, config_parser_for, training_description
+    from scripts.networks.methods import method_config_overrides
+    from scripts.workflows.training import config_cross_validation, config_parser_for, training_description
 
     parser = config_parser_for(parser, output_dir, "run_ablation")
     thresholds = [float(t) for t in thresholds]

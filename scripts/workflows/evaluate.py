@@ -8,7 +8,7 @@ Slides without a label are predicted but left out of the metrics.
 The cohort must be held out: every fold checkpoint records the patients and slides it was trained and
 validated on (slide ids and the content fingerprints of their slide and feature files), and a cohort
 sharing a patient with any of them, or holding one of those slides under any slide or patient id, is
-refused (:class:`OverlapError`, :mod:`scripts.heldout`; scoring those slides would be an in-sample
+refused (:class:`OverlapError`, :mod:`scripts.data.heldout`; scoring those slides would be an in-sample
 result, e.g. AUC 1.000 on pure-noise labels). ``allow_overlap=True``
 (``--allow_overlap true``) scores it anyway and stamps ``"overlap"`` with ``"in_sample": true`` into
 ``summary.json``. There is no default cohort in ``configs/evaluate.json``: give ``--datalist``.
@@ -27,13 +27,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from scripts.errors import BundleError
-from scripts.heldout import OverlapError, check_overlap  # noqa: F401 (OverlapError: part of this API)
+from scripts.utils.errors import BundleError
+from scripts.data.heldout import OverlapError, check_overlap  # noqa: F401 (OverlapError: part of this API)
 from scripts.formats.layout import OutputLayout
-from scripts.io_utils import write_csv, write_json
+from scripts.utils.io_utils import write_csv, write_json
 from scripts.metrics import classification_report, format_ci, nan_to_none, plot_roc
-from scripts.mil_data import Bag, feature_dim
-from scripts.ensemble import ENSEMBLE_THRESHOLD_RULE, FoldEnsemble, ensemble_threshold  # noqa: F401 - re-exported
+from scripts.data.bags import Bag, feature_dim
+from scripts.engines.ensemble import ENSEMBLE_THRESHOLD_RULE, FoldEnsemble, ensemble_threshold  # noqa: F401 - re-exported
 from scripts.formats.checkpoints import find_fold_checkpoints
 
 logger = logging.getLogger(__name__)
@@ -44,8 +44,8 @@ class MissingCohortError(BundleError):
 
 
 def evaluation_bags(datalist, features_dir=None, **kwargs):
-    """Bags of the cohort to evaluate (``scripts.mil_data.bags_from_datalist``); refuses an empty datalist."""
-    from scripts.mil_data import bags_from_datalist
+    """Bags of the cohort to evaluate (``scripts.data.bags.bags_from_datalist``); refuses an empty datalist."""
+    from scripts.data.bags import bags_from_datalist
 
     if datalist in (None, "") or str(datalist).strip() == "":
         raise MissingCohortError(

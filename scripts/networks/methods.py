@@ -3,7 +3,7 @@
 Configs build networks through :func:`build_method` so that every registered method (``smile``, the
 baselines of ``docs/baselines.md``, ``smile_adaptive``) trains with the same workflow::
 
-    "network_def": {"_target_": "scripts.methods.build_method", "_mode_": "callable",
+    "network_def": {"_target_": "scripts.networks.methods.build_method", "_mode_": "callable",
                     "name": "smile", "threshold": null, "factor": null, "network_kwargs": {}}
 
 Rules, applied in this order:
@@ -21,23 +21,30 @@ clam_sb``. A value the chosen network does not accept is an error that names the
 (never silently dropped).
 
 The built network remembers its resolved arguments (``model.config``), so checkpoints written by
-:func:`scripts.formats.checkpoints.save_checkpoint` rebuild it with :func:`scripts.networks.build_mil_network`.
+:func:`scripts.formats.checkpoints.save_checkpoint` record it (:func:`network_spec`) and
+:func:`build_from_checkpoint` rebuilds it. (The file format is :mod:`scripts.formats.checkpoints`; building
+a network from it is here, so formats never import networks.)
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from torch import nn
+
+from scripts.formats.checkpoints import CheckpointError, load_state, mil_of, plain_value, read_checkpoint
+from scripts.networks.bag_classifier import BagClassifier
+from scripts.networks.registry import MIL_NETWORKS, build_mil_network
 
 # Deliberate per-method changes of a network's constructor defaults (name -> kwargs). Empty: each
 # network's defaults are its paper's values (docs/baselines.md).
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {}
 
 
-# the comparison's default order (scripts.compare)
+# the comparison's default order (scripts.experiments.compare)
 DEFAULT_METHODS = (
     "smile", "smile_adaptive", "abmil", "abmil_gated", "clam_sb", "clam_mb", "transmil", "dsmil", "dtfd", "acmil",
     "mean_pool", "max_pool",
@@ -46,8 +53,6 @@ DEFAULT_METHODS = (
 
 def available_methods() -> list[str]:
     """Registered method names, sorted."""
-    from scripts.networks import MIL_NETWORKS
-
     return sorted(MIL_NETWORKS)
 
 
@@ -98,13 +103,11 @@ def build_bag_classifier(
     ``(B, C, N)`` in, one logit ``(B, 1)`` out. It is ``network_def`` of ``configs/train.json`` (the same
     module type as ``network_def`` of ``configs/inference.json``); training runs its ``.mil`` network on
     packed bags."""
-    from scripts.networks.bag_classifier import BagClassifier
-
     return BagClassifier(build_method(name, in_dim=in_dim, network_kwargs=network_kwargs, **kwargs), channel_first=channel_first)
 
 
 def method_factory(name: str, network_kwargs: Mapping[str, Any] | None = None, **kwargs):
-    """``factory(in_dim=D) -> network`` for :func:`scripts.training.run_cross_validation`; arguments are
+    """``factory(in_dim=D) -> network`` for :func:`scripts.workflows.training.run_cross_validation`; arguments are
     checked now, so a typo fails before any training starts."""
     resolve_method_kwargs(name, network_kwargs, **kwargs)
     return functools.partial(build_method, name, network_kwargs=dict(network_kwargs or {}), **kwargs)
@@ -117,7 +120,7 @@ def method_config_overrides(name: str, network_kwargs: Mapping[str, Any] | None 
                             network_def: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Config overrides (``network_def#...``) that make ``train.json``'s ``network_def`` build method
     ``name`` with exactly ``network_kwargs``: the comparison's, the ablation's and the transfer's way of
-    choosing the network of a fold trained by :func:`scripts.training.train_from_config`.
+    choosing the network of a fold trained by :func:`scripts.workflows.training.train_from_config`.
 
     ``network_def`` (the config's ``network_def`` item) names the knobs it carries (``embed_dim``,
     ``threshold``, ``factor``, ...): each is set to its value in ``network_kwargs`` or to null (= the
@@ -157,8 +160,6 @@ def _accepted_arguments(cls: type) -> tuple[dict[str, Any], bool]:
 
 
 def _network_class(name: str) -> type[nn.Module]:
-    from scripts.networks import MIL_NETWORKS
-
     if not isinstance(name, str) or name not in MIL_NETWORKS:
         raise KeyError(f"unknown MIL method {name!r}; registered: {', '.join(sorted(MIL_NETWORKS))}")
     return MIL_NETWORKS[name]
@@ -182,8 +183,44 @@ def resolve_methods(methods: Sequence[str] | str) -> list[str]:
     return methods
 
 
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def network_spec(model: nn.Module, network_factory: Any = None, in_dim: int | None = None) -> dict:
+    """``{"name", "class", "kwargs"}`` rebuilding ``model`` with :func:`scripts.networks.build_mil_network`
+    (``model`` may be wrapped in DDP or :class:`~scripts.networks.bag_classifier.BagClassifier`). The
+    kwargs are ``model.config`` (set by :func:`scripts.networks.methods.build_method`); for a network without one,
+    the keywords of a ``functools.partial`` factory plus ``in_dim``."""
+    model = mil_of(model)
+    name = next((n for n, cls in MIL_NETWORKS.items() if type(model) is cls), None)
+    if isinstance(getattr(model, "config", None), Mapping):
+        kwargs = dict(model.config)
+    else:
+        kwargs = {}
+        if isinstance(network_factory, functools.partial):
+            kwargs = dict(network_factory.keywords)
+            if name is None and network_factory.args:
+                name = network_factory.args[0]
+            kwargs.pop("name", None)
+        if in_dim is not None:
+            kwargs.setdefault("in_dim", in_dim)
+    return {"name": name, "class": f"{type(model).__module__}.{type(model).__qualname__}", "kwargs": plain_value(kwargs)}
+
+
+def build_from_checkpoint(path: str | Path, device: Any = "cpu", trust: bool | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the MIL network a fold checkpoint describes; returns (model in eval mode, checkpoint)."""
+    checkpoint = read_checkpoint(path, trust)
+    spec = checkpoint.get("network") or {}
+    if not spec.get("name"):
+        raise CheckpointError(f"{path}: no network name; load it into network_def (load_into_network) instead")
+    model = build_mil_network(spec["name"], **dict(spec.get("kwargs") or {}))
+    load_state(model, checkpoint["model"], path)
+    return model.to(device).eval(), checkpoint
+
+
 __all__ = [
     "DEFAULT_METHODS", "resolve_methods",
     "METHOD_DEFAULTS", "available_methods", "method_arguments", "resolve_method_kwargs", "build_method",
-    "build_bag_classifier", "method_factory", "method_config_overrides", "count_parameters",
+    "build_bag_classifier", "method_factory", "method_config_overrides", "count_parameters", "network_spec",
+    "build_from_checkpoint",
 ]  # fmt: skip

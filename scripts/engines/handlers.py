@@ -29,7 +29,7 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 from torch import nn
 
-from scripts.distributed import broadcast_buffers, unwrap
+from scripts.utils.distributed import broadcast_buffers, unwrap
 
 
 class MeanBagLoss(Metric):
