@@ -131,8 +131,8 @@ def test_bad_inputs_are_named(tmp_path):
 
 def test_heatmap_draws_annotation_outlines_where_they_are(tmp_path):
     """An annotation square drawn over a uniform heat map: its black outline lands at the square's place."""
-    from scripts.formats.attention_outputs import annotation_outlines, write_heatmap_png
     from scripts.formats.annotations import polygon_annotation
+    from scripts.formats.attention_outputs import annotation_outlines, write_heatmap_png
 
     thumb = np.full((200, 200, 3), 255, np.uint8)
     coords = np.array([[x, y] for y in range(0, 2000, 500) for x in range(0, 2000, 500)])

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 import torch
 
 from scripts.benchmarks.mil import run_benchmark, standardized

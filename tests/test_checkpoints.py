@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.utils.errors import BundleError
 from scripts.formats.checkpoints import (
     CheckpointError,
     UntrustedCheckpointError,
@@ -20,8 +19,9 @@ from scripts.formats.checkpoints import (
     save_checkpoint,
     trust_requested,
 )
-from scripts.networks.methods import build_from_checkpoint, build_method, network_spec
 from scripts.networks.bag_classifier import BagClassifier
+from scripts.networks.methods import build_from_checkpoint, build_method, network_spec
+from scripts.utils.errors import BundleError
 
 
 class _WritesMarker:

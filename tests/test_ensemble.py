@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.engines.ensemble import ENSEMBLE_THRESHOLD_RULE, THRESHOLD_FALLBACK, FoldEnsemble
-from scripts.workflows.evaluate import evaluate_cohort
-from scripts.workflows.inference import SlideDataset, SlideInference
 from scripts.data.bags import bags_from_datalist
+from scripts.data.splits import make_splits
+from scripts.engines.ensemble import ENSEMBLE_THRESHOLD_RULE, THRESHOLD_FALLBACK, FoldEnsemble
 from scripts.networks import build_mil_network
 from scripts.networks.bag_classifier import BagClassifier
+from scripts.workflows.evaluate import evaluate_cohort
+from scripts.workflows.inference import SlideDataset, SlideInference
 from scripts.workflows.predict import SlidePredictor
-from scripts.data.splits import make_splits
 from scripts.workflows.training import TrainSettings, run_cross_validation
 
 DIM = 24

@@ -18,8 +18,8 @@ import pytest
 import tifffile
 import torch
 
-from scripts.workflows.extract import FeatureExtractionWorkflow, read_patch_file
 from scripts.networks.encoders import build_encoder
+from scripts.workflows.extract import FeatureExtractionWorkflow, read_patch_file
 from scripts.wsi.open import open_slide
 from scripts.wsi.patches import iter_patch_batches, resize_rgb
 

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.engines.ensemble import FoldEnsemble
+from scripts.data.bags import Bag
 from scripts.data.feature_norm import FeatureStandardizer, StandardizedBag, check_feature_norm
+from scripts.data.splits import make_splits
+from scripts.engines.ensemble import FoldEnsemble
+from scripts.engines.mil import predict
 from scripts.formats.checkpoints import read_checkpoint, resolve_checkpoints
 from scripts.networks.methods import method_factory
-from scripts.data.bags import Bag
-from scripts.data.splits import make_splits
-from scripts.engines.mil import predict
 from scripts.workflows.training import TrainSettings, run_cross_validation
 
 DIM = 16

@@ -24,7 +24,12 @@ import pytest
 import torch
 
 from scripts.formats.feature_file import (
-    FeatureExpectation, FeatureMismatchError, check_features, feature_info, find_feature_file, patch_geometry,
+    FeatureExpectation,
+    FeatureMismatchError,
+    check_features,
+    feature_info,
+    find_feature_file,
+    patch_geometry,
     read_features,
 )
 from scripts.formats.patch_file import read_patch_file
@@ -201,8 +206,8 @@ def _write_datalist(path: Path, rows):
 
 def _train(datalist, out):
     from scripts.data.bags import bags_from_datalist
-    from scripts.networks import build_mil_network
     from scripts.data.splits import make_splits
+    from scripts.networks import build_mil_network
     from scripts.workflows.training import TrainSettings, run_cross_validation
 
     bags = bags_from_datalist(datalist)
@@ -226,8 +231,8 @@ def test_training_on_clam_and_trident_files_records_what_it_was_trained_on(tmp_p
 
 
 def test_training_refuses_mixed_encoders_and_scales(tmp_path):
-    from scripts.formats.feature_file import FeatureMismatchError
     from scripts.data.bags import bags_from_datalist
+    from scripts.formats.feature_file import FeatureMismatchError
 
     rows = _cohort(tmp_path, "trident", n=6) + _cohort(tmp_path, "trident", n=6, encoder="uni_v1", start=6)
     with pytest.raises(FeatureMismatchError, match="mixes encoders.*ctranspath.*uni_v1"):
@@ -249,8 +254,8 @@ def trident_models(tmp_path_factory):
 def test_inference_on_clam_and_trident_files(cmu, tmp_path, trident_models):
     """Each foreign layout at the datalist (or found in feature_dirs) -> probability, attention, heat map,
     top-k and GeoJSON; 10x files and another encoder are refused naming what is wrong."""
-    from scripts.workflows.inference import SlideInference
     from scripts.networks.bag_classifier import BagClassifier
+    from scripts.workflows.inference import SlideInference
     from scripts.workflows.predict import SlidePredictor
 
     rng = np.random.default_rng(5)
@@ -360,8 +365,8 @@ def test_false_on_the_command_line_turns_checks_off(tmp_path):
 def test_extraction_from_clam_and_trident_patch_files(cmu, tmp_path):
     """CLAM's patches/<id>.h5 and TRIDENT's <id>_patches.h5 copied into <out>/patches are extracted as they
     are; the feature files then carry the level-0 footprint, so a 10x grid is refused for a 20x model."""
-    from scripts.workflows.extract import FeatureExtractionWorkflow
     from scripts.networks.encoders import build_encoder
+    from scripts.workflows.extract import FeatureExtractionWorkflow
 
     out = tmp_path / "out"
     clam_patches(out, "clam20", grid(256)[:6])  # CLAM writes <dir>/patches/<id>.h5

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.data.datalist import DatalistError, load_datalist
-from scripts.workflows.evaluate import OverlapError, evaluate_cohort, evaluation_bags
-from scripts.formats.fingerprint import BLOCK_BYTES, FINGERPRINT_METHOD, HEAD_BYTES, file_fingerprint
 from scripts.data.bags import bags_from_datalist
-from scripts.networks import build_mil_network
+from scripts.data.datalist import DatalistError, load_datalist
 from scripts.data.splits import make_splits
+from scripts.formats.fingerprint import BLOCK_BYTES, FINGERPRINT_METHOD, HEAD_BYTES, file_fingerprint
+from scripts.networks import build_mil_network
+from scripts.workflows.evaluate import OverlapError, evaluate_cohort, evaluation_bags
 from scripts.workflows.training import TrainSettings, run_cross_validation
 
 DIM = 8

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.workflows.inference import SlideInference, load_checkpoint_model, predict_bag, resolve_checkpoints
 from scripts.networks.bag_classifier import BagClassifier
+from scripts.workflows.inference import SlideInference, load_checkpoint_model, predict_bag, resolve_checkpoints
 from scripts.workflows.predict import SlidePredictor
 
 pytest.importorskip("scripts.networks.smile")

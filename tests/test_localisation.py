@@ -246,10 +246,10 @@ def _feature_cohort(root, n_slides=24, dim=8, seed=0):
 
 def test_compare_and_evaluate_write_localisation(tmp_path):
     """Out-of-fold attention per method in the comparison, fold-ensemble attention in evaluation."""
-    from scripts.experiments.compare import compare_methods, load_bags
     from scripts.data.datalist import annotation_paths
-    from scripts.workflows.evaluate import evaluate_cohort
     from scripts.data.splits import make_splits
+    from scripts.experiments.compare import compare_methods, load_bags
+    from scripts.workflows.evaluate import evaluate_cohort
     from scripts.workflows.training import training_parser
 
     datalist = _feature_cohort(tmp_path)

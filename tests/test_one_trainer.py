@@ -13,9 +13,9 @@ import sys
 import textwrap
 
 import pytest
+from test_compare import make_cohort  # noqa: E402 (the comparison tests' synthetic cohort)
 
 from scripts.networks.methods import method_config_overrides
-from test_compare import make_cohort  # noqa: E402 (the comparison tests' synthetic cohort)
 
 DIM = 16
 EPOCHS = 3
@@ -138,8 +138,8 @@ def test_method_overrides_choose_the_network_and_ignore_other_network_def_settin
 def test_python_callers_pass_a_parser_and_get_a_clear_error_for_settings(tmp_path):
     from scripts.experiments.ablation import run_ablation
     from scripts.experiments.compare import compare_methods
-    from scripts.workflows.training import TrainSettings, training_parser
     from scripts.experiments.transfer import run_transfer
+    from scripts.workflows.training import TrainSettings, training_parser
 
     with pytest.raises(TypeError, match="output_dir must be a folder.*parser="):
         compare_methods([], {"folds": []}, TrainSettings(), methods=["smile"])

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.metrics import auc
 from scripts.data.bags import Bag, bags_from_npz
-from scripts.experiments.pooled_baseline import fit_pooled, pooled_cross_validation, pooled_features, predict_pooled
 from scripts.data.splits import make_splits
+from scripts.experiments.pooled_baseline import fit_pooled, pooled_cross_validation, pooled_features, predict_pooled
+from scripts.metrics import auc
 
 
 def test_pooled_features_are_mean_then_max():

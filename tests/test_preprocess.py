@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import time
-
-import csv
 from pathlib import Path
 
 import h5py
@@ -13,11 +12,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from scripts.workflows.preprocess import PreprocessSettings, PreprocessWorkflow, preprocess_slide
 from scripts.data.datalist import SlideRecord
+from scripts.formats.patch_file import read_patch_file
+from scripts.workflows.preprocess import PreprocessSettings, PreprocessWorkflow, preprocess_slide
 from scripts.wsi import mpp as mpp_lib
 from scripts.wsi.grid import choose_level
-from scripts.formats.patch_file import read_patch_file
 from scripts.wsi.open import SlideReadError, open_slide
 from scripts.wsi.patches import iter_patch_batches
 from scripts.wsi.probe import probe_cucim

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from scripts.optim import Ranger
 from scripts.engines.mil import create_optimizer
+from scripts.optim import Ranger
 
 LR, WD, B1, B2, EPS, K, ALPHA = 0.05, 0.1, 0.95, 0.999, 1e-5, 6, 0.5
 

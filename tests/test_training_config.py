@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_mil_training import make_cohort
 
 EPOCHS = 3

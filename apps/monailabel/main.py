@@ -44,13 +44,14 @@ for path in (BUNDLE_ROOT, APP_DIR):
 
 import torch  # noqa: E402
 from fastapi import HTTPException  # noqa: E402
+from lib.smile_infer import SmileInfer, _one_line  # noqa: E402
 from monailabel.config import settings  # noqa: E402
 from monailabel.datastore.local import LocalDatastore  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException  # noqa: E402
 
-from lib.smile_infer import SmileInfer, _one_line  # noqa: E402
 from scripts.utils.errors import BundleError  # noqa: E402
+from scripts.workflows.predict import SlidePredictor
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +111,6 @@ class SmileApp(MONAILabelApp):
         return {MODEL_NAME: task}
 
     def _make_predictor(self):
-        from scripts.workflows.predict import SlidePredictor
-
         logger.info("SMILE: checkpoints %s; outputs in %s; overrides %s", self.checkpoints, self.output_dir,
                     self.overrides)
         try:

@@ -32,8 +32,8 @@ import torch
 
 import scripts  # noqa: F401  (quiet native libraries)
 from scripts.formats.layout import OutputLayout
-from scripts.workflows.extract import FeatureExtractionWorkflow
 from scripts.networks.encoders import build_encoder
+from scripts.workflows.extract import FeatureExtractionWorkflow
 from scripts.wsi.open import DEFAULT_BACKENDS
 from scripts.wsi.patches import PatchReader, iter_patch_batches
 

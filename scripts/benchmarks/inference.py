@@ -21,6 +21,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import h5py
+import matplotlib.backends.backend_agg  # noqa: F401  (loaded before the memory baseline: not a per-slide cost)
+import numpy as np
+import torch
+
+from scripts.formats.attention_outputs import write_attention_h5, write_geojson, write_heatmap_png, write_topk_png
+from scripts.networks.bag_classifier import BagClassifier
+from scripts.workflows.inference import predict_bag, read_features
+
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
@@ -28,18 +37,6 @@ def _rss_mb() -> float:
 
 def run_one(n_patches: int, n_models: int = 5, workdir: str | None = None, seed: int = 0) -> dict:
     """The measurement itself (run in a child process by :func:`main`)."""
-    import h5py
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401  (imported before the baseline: its ~100 MB are not per-slide)
-    import numpy as np
-    import torch
-
-    from scripts.formats.attention_outputs import write_attention_h5, write_geojson, write_heatmap_png, write_topk_png
-    from scripts.workflows.inference import predict_bag, read_features
-    from scripts.networks.bag_classifier import BagClassifier
-
     torch.set_num_threads(2)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

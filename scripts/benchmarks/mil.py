@@ -42,14 +42,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from scripts.utils.io_utils import write_json
-from scripts.metrics import auc, threshold_metrics
 from scripts.data.bags import Bag, bags_from_npz
+from scripts.data.splits import make_splits
 from scripts.experiments.pooled_baseline import DESCRIPTION as FLOOR_DESCRIPTION
 from scripts.experiments.pooled_baseline import fit_pooled, predict_pooled
-from scripts.data.splits import make_splits
-
+from scripts.metrics import auc, threshold_metrics
+from scripts.metrics.paired import paired_bootstrap_auc
+from scripts.networks import build_mil_network
+from scripts.utils.io_utils import write_json
+from scripts.workflows.training import TrainSettings, run_cross_validation
 
 # Ilse et al. 2018's MUSK network (appendix): fc-256, fc-128, fc-64 (ReLU), attention with hidden 64,
 # as SMILE options; the inputs are standardised per fold instead of SMILE's input BatchNorm.
@@ -78,12 +81,6 @@ def run_benchmark(
     **network_kwargs,
 ) -> dict:
     """Run the benchmark and return the result dict (see the module docstring)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from scripts.networks import build_mil_network
-    from scripts.workflows.training import TrainSettings, run_cross_validation
-
     bags = bags_from_npz(data)
     arch = arch or ("ilse" if method == "smile" else "default")
     if arch == "ilse":
@@ -173,8 +170,6 @@ def run_benchmark(
 
 
 def _floor_summary(rows, floor_acc, floor_auc, repeat_acc, seed) -> dict:
-    from scripts.metrics.paired import paired_bootstrap_auc
-
     labels = [r["label"] for r in rows]
     test = paired_bootstrap_auc(labels, [r["prob"] for r in rows], [r["floor_prob"] for r in rows],
                                 groups=[r["slide_id"] for r in rows], n_bootstrap=2000, seed=seed)  # fmt: skip

@@ -13,12 +13,12 @@ import time
 
 import torch
 
+import scripts.networks as nets
+from scripts.networks.segment_ops import pack_bags
+
 
 def benchmark(n_bags: int = 8, n_instances: int = 2000, in_dim: int = 768, device: str = "cpu",
               repeats: int = 3, threads: int = 0, names: str = "") -> list[dict]:
-    import scripts.networks as nets
-    from scripts.networks.segment_ops import pack_bags
-
     if threads:
         torch.set_num_threads(int(threads))
     g = torch.Generator().manual_seed(0)

@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 
-from scripts.wsi.grid import choose_level
 from scripts.utils.quiet import native_output_silenced
 from scripts.wsi.backends.base import to_rgb
+from scripts.wsi.grid import choose_level
 from scripts.wsi.open import open_slide
 from scripts.wsi.patches import iter_patch_batches, resize_rgb
 

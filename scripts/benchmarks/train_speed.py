@@ -18,8 +18,10 @@ import resource
 
 import torch
 
-from scripts.utils.io_utils import write_json
 from scripts.data.bags import Bag
+from scripts.networks import build_mil_network
+from scripts.utils.io_utils import write_json
+from scripts.workflows.training import TrainSettings, train_fold
 
 
 def synthetic_bags(n_bags: int, instances: int, dim: int, pool: int = 16, seed: int = 0) -> list[Bag]:
@@ -29,9 +31,6 @@ def synthetic_bags(n_bags: int, instances: int, dim: int, pool: int = 16, seed: 
 
 
 def measure(device: str, bags: list[Bag], method: str, batch_size: int, threads: int | None) -> dict:
-    from scripts.networks import build_mil_network
-    from scripts.workflows.training import TrainSettings, train_fold
-
     if threads:
         torch.set_num_threads(int(threads))
     if device.startswith("cuda"):

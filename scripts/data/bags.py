@@ -24,11 +24,18 @@ import torch
 from torch.utils.data import Dataset
 
 from scripts.data.datalist import DatalistError, load_datalist
-from scripts.formats.fingerprint import describe_duplicates, duplicate_contents
 from scripts.formats.feature_file import (  # noqa: F401 - the one home of feature files; re-exported here
-    FEATURE_SUFFIXES, FeatureFileError, FeatureMismatchError, cohort_record, feature_info, feature_shape,
-    find_feature_file, load_features, patch_geometry,
+    FEATURE_SUFFIXES,
+    FeatureFileError,
+    FeatureMismatchError,
+    cohort_record,
+    feature_info,
+    feature_shape,
+    find_feature_file,
+    load_features,
+    patch_geometry,
 )
+from scripts.formats.fingerprint import describe_duplicates, duplicate_contents
 
 logger = logging.getLogger(__name__)
 

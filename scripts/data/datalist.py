@@ -34,8 +34,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scripts.utils.errors import BundleError
 from scripts.formats.fingerprint import describe_duplicates, duplicate_contents
+from scripts.utils.errors import BundleError
 
 REQUIRED_COLUMNS = ("slide_id", "path", "label", "patient_id", "center")
 OPTIONAL_COLUMNS = ("mpp", "features", "annotations")

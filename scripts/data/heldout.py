@@ -25,8 +25,8 @@ import logging
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from scripts.utils.errors import BundleError
 from scripts.formats.fingerprint import FINGERPRINT_METHOD, file_fingerprint
+from scripts.utils.errors import BundleError
 
 logger = logging.getLogger(__name__)
 

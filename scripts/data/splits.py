@@ -32,10 +32,11 @@ from typing import Sequence
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from scripts.utils.errors import BundleError
-from scripts.formats.layout import OutputLayout
-from scripts.utils.io_utils import write_json
 from scripts.data.bags import Bag
+from scripts.formats.layout import OutputLayout
+from scripts.utils.distributed import is_main_process
+from scripts.utils.errors import BundleError
+from scripts.utils.io_utils import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +212,6 @@ def load_or_make_splits(
         splits = None
     if splits is None:
         splits = make_splits(bags, n_folds=n_folds, val_fraction=val_fraction, seed=seed)
-    from scripts.utils.distributed import is_main_process
 
     if is_main_process():  # under torchrun every rank makes the same splits; rank 0 writes them
         write_json(target, splits)

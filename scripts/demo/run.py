@@ -169,8 +169,6 @@ def _print_table(timings) -> None:
 
 
 def _print_results(out: Path) -> None:
-    from scripts.metrics import format_ci
-
     summary = out / "cv" / "summary.json"
     if summary.exists():
         data = json.loads(summary.read_text())

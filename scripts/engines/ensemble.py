@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from scripts.data.feature_norm import FeatureStandardizer
+from scripts.engines.mil import THRESHOLD_FALLBACK, predict
 from scripts.formats.checkpoints import CheckpointError, load_into_network, resolve_checkpoints
 from scripts.networks.methods import build_from_checkpoint
-from scripts.engines.mil import THRESHOLD_FALLBACK, predict
 
 logger = logging.getLogger(__name__)
 

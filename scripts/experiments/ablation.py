@@ -30,10 +30,14 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
 from scripts.formats.layout import OutputLayout
-from scripts.utils.io_utils import atomic_path, write_csv, write_json
 from scripts.metrics import nan_to_none
+from scripts.networks.methods import method_config_overrides
+from scripts.utils.io_utils import atomic_path, write_csv, write_json
+from scripts.workflows.training import config_cross_validation, config_parser_for, training_description
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +60,6 @@ def run_ablation(
 
     ``parser``: the training config (default: the ``monai.bundle`` config being run; from Python e.g.
     :func:`scripts.workflows.training.training_parser`)."""
-    from tqdm.auto import tqdm
-
-    from scripts.networks.methods import method_config_overrides
-    from scripts.workflows.training import config_cross_validation, config_parser_for, training_description
-
     parser = config_parser_for(parser, output_dir, "run_ablation")
     thresholds = [float(t) for t in thresholds]
     factors = [float(f) for f in factors]
@@ -162,11 +161,6 @@ def ablation_matrix(rows: Sequence[dict], thresholds: Sequence[float], factors: 
 
 def plot_ablation(rows, thresholds, factors, path, title: str = "smile") -> None:
     """Two annotated heat maps (rows threshold, columns factor): mean fold AUC (± std) and pooled AUC."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     mean = ablation_matrix(rows, thresholds, factors, "auc_mean")
     std = ablation_matrix(rows, thresholds, factors, "auc_std")
     pooled = ablation_matrix(rows, thresholds, factors, "pooled_auc")
@@ -175,7 +169,8 @@ def plot_ablation(rows, thresholds, factors, path, title: str = "smile") -> None
     if vmax - vmin < 1e-6:
         vmin, vmax = vmin - 0.01, vmax + 0.01
     width = 2.2 + 0.9 * len(factors)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * width, 1.6 + 0.6 * len(thresholds)), dpi=100)
+    fig = Figure(figsize=(2 * width, 1.6 + 0.6 * len(thresholds)), dpi=100)
+    axes = fig.subplots(1, 2)
     for ax, values, name in ((axes[0], mean, "mean fold AUC (± std)"), (axes[1], pooled, "pooled out-of-fold AUC")):
         image = ax.imshow(values, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
         ax.set_xticks(range(len(factors)), [f"{f:g}" for f in factors])
@@ -194,7 +189,6 @@ def plot_ablation(rows, thresholds, factors, path, title: str = "smile") -> None
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 __all__ = ["PAPER_THRESHOLDS", "PAPER_FACTORS", "SELECTION_RULE", "run_ablation", "choose_on_validation", "ablation_matrix",

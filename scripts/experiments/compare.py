@@ -44,19 +44,26 @@ import logging
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from scripts.formats.layout import OutputLayout
-from scripts.utils.io_utils import atomic_path, write_csv, write_json
-from scripts.metrics import nan_to_none, plot_roc
-from scripts.metrics.paired import delong_test, paired_bootstrap_auc
-from scripts.networks.methods import DEFAULT_METHODS, resolve_methods  # noqa: F401 - resolve_methods re-exported
 from scripts.data.bags import Bag, BagList, bags_from_datalist, bags_from_npz, feature_shape
 from scripts.experiments.pooled_baseline import DESCRIPTION as FLOOR_DESCRIPTION
 from scripts.experiments.pooled_baseline import FLOOR_NAME, pooled_cross_validation
-from scripts.workflows.training import config_parser_for  # noqa: F401 - re-exported
+from scripts.formats.layout import OutputLayout
+from scripts.metrics import nan_to_none, plot_roc
+from scripts.metrics.localisation import SlideAttention, bag_attention, localise_cohort, patch_geometry
+from scripts.metrics.paired import delong_test, paired_bootstrap_auc
+from scripts.networks.methods import DEFAULT_METHODS, count_parameters, method_config_overrides, resolve_methods  # noqa: F401 - resolve_methods re-exported
+from scripts.utils.io_utils import atomic_path, write_csv, write_json
+from scripts.workflows.training import (
+    config_cross_validation,
+    config_parser_for,  # noqa: F401 - re-exported
+    training_description,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +111,6 @@ def load_bags(
             logger.info("features take %.1f GiB: read from disk every epoch (cache_features=true forces memory)", total / 1024**3)
     if not cache_features:
         return bags
-    from tqdm.auto import tqdm
 
     cached = BagList(
         dataclasses.replace(b, features=b.load())  # file paths kept: fold checkpoints fingerprint them
@@ -159,11 +165,6 @@ def compare_methods(
     Returns the comparison dict (also ``comparison.json``): ``rows`` (one per method), ``paired``
     (reference vs each method) and the cohort / settings description.
     """
-    from tqdm.auto import tqdm
-
-    from scripts.networks.methods import count_parameters, method_config_overrides
-    from scripts.workflows.training import training_description
-
     parser = config_parser_for(parser, output_dir, "compare_methods")
     methods = resolve_methods(methods)
     method_kwargs = dict(method_kwargs or {})
@@ -267,8 +268,6 @@ def compare_methods(
 
 def _add_floor(bags, splits, n_bootstrap, results: dict, rows: list, out_dir: Path) -> None:
     """The pooled logistic-regression floor on the same folds, as one more row (never stops the comparison)."""
-    from types import SimpleNamespace
-
     start = time.perf_counter()
     try:
         floor = pooled_cross_validation(bags, splits, n_bootstrap=n_bootstrap)
@@ -296,8 +295,6 @@ def _add_floor(bags, splits, n_bootstrap, results: dict, rows: list, out_dir: Pa
 
 
 def _run_cv(parser, overrides, name, bags, splits, output_dir, n_bootstrap, keep_models=False):
-    from scripts.workflows.training import config_cross_validation
-
     return config_cross_validation(bags, splits, output_dir=output_dir, n_bootstrap=n_bootstrap, parser=parser,
                                    overrides=overrides, run_prefix=f"{name}/", keep_models=keep_models)
 
@@ -308,8 +305,6 @@ def out_of_fold_localisation(bags: Sequence[Bag], splits: dict, models: Sequence
     """Localisation outputs under ``output_dir`` from each annotated slide's out-of-fold attention
     (``models`` in the order of ``splits["folds"]``; ``feature_norms``: each fold's feature standardiser or
     None, as :class:`scripts.workflows.training.CVResult` gives them)."""
-    from scripts.metrics.localisation import SlideAttention, bag_attention, localise_cohort, patch_geometry
-
     by_id = {b.bag_id: b for b in bags}
     norms = list(feature_norms or []) + [None] * (len(models) - len(feature_norms or []))
 

@@ -18,9 +18,12 @@ import time
 from typing import Sequence
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
-from scripts.metrics import classification_report, nan_to_none, youden_threshold
 from scripts.data.bags import Bag
+from scripts.metrics import classification_report, nan_to_none, youden_threshold
 
 FLOOR_NAME = "pooled_logreg"
 DESCRIPTION = "mean+max pooled instance features, StandardScaler + LogisticRegression (L2, C=1)"
@@ -38,10 +41,6 @@ def pooled_features(bags: Sequence[Bag]) -> np.ndarray:
 
 def fit_pooled(train: Sequence[Bag], C: float = 1.0, seed: int = 0, features: np.ndarray | None = None):
     """The fitted scikit-learn pipeline (scaler + logistic regression) on ``train``'s pooled features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     labels = np.array([int(b.label) for b in train])
     if len(set(labels.tolist())) < 2:
         raise ValueError("the pooled logistic-regression floor needs both classes in the training bags")

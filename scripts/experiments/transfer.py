@@ -28,13 +28,19 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
+from sklearn.model_selection import StratifiedGroupKFold
+from tqdm.auto import tqdm
 
-from scripts.utils.errors import BundleError
-from scripts.data.feature_norm import check_feature_norm, fit_feature_norm, standardize_bags
-from scripts.formats.layout import OutputLayout
-from scripts.utils.io_utils import atomic_path, write_csv, write_json
-from scripts.metrics import classification_report, nan_to_none, youden_threshold
 from scripts.data.bags import Bag
+from scripts.data.feature_norm import check_feature_norm, fit_feature_norm, standardize_bags
+from scripts.data.splits import SplitError, make_splits
+from scripts.formats.layout import OutputLayout
+from scripts.metrics import classification_report, nan_to_none, youden_threshold
+from scripts.networks.methods import method_config_overrides, resolve_methods
+from scripts.utils.errors import BundleError
+from scripts.utils.io_utils import atomic_path, write_csv, write_json
+from scripts.workflows.training import config_cross_validation, config_parser_for, predict, train_from_config, training_description
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +53,6 @@ class TransferError(BundleError, ValueError):
 
 def holdout_split(bags: Sequence[Bag], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[Bag], list[Bag]]:
     """(train, val) of one centre's bags: patient-grouped, label-stratified, about ``val_fraction`` in val."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
     labels = np.array([int(b.label) for b in bags])
     groups = np.array([b.patient_id for b in bags])
     n_patients = len(set(groups.tolist()))
@@ -80,11 +84,6 @@ def run_transfer(
     ``seed`` makes the centres' train/validation splits; the models are seeded by the config's ``seed``.
     ``parser``: the training config (default: the ``monai.bundle`` config being run; from Python e.g.
     :func:`scripts.workflows.training.training_parser`)."""
-    from tqdm.auto import tqdm
-
-    from scripts.networks.methods import method_config_overrides, resolve_methods
-    from scripts.workflows.training import config_parser_for, predict, train_from_config, training_description
-
     parser = config_parser_for(parser, output_dir, "run_transfer")
     if diagonal not in ("cv", "none"):
         raise ValueError(f"transfer_diagonal must be 'cv' or 'none'; got {diagonal!r}")
@@ -200,9 +199,6 @@ def _score(labels, probs, threshold: float, n_bootstrap: int, patients=None) -> 
 def _diagonal(diagonal, parser, overrides, own, cv_folds, val_fraction, seed, n_bootstrap, run_prefix="") -> dict:
     """The training centre's own patient-level cross-validation (pooled out-of-fold), each fold trained by
     the config (:func:`scripts.workflows.training.config_cross_validation`, with the run's feature standardisation)."""
-    from scripts.data.splits import SplitError, make_splits
-    from scripts.workflows.training import config_cross_validation
-
     if diagonal == "none":
         return {"auc": None, "n": len(own), "note": "n/a (within-centre; transfer_diagonal=none)"}
     n_patients = len({b.patient_id for b in own})
@@ -232,14 +228,9 @@ def _diagonal(diagonal, parser, overrides, own, cv_folds, val_fraction, seed, n_
 
 def plot_transfer(rows: Sequence[dict], centers: Sequence[str], methods: Sequence[str], path, diagonal: str) -> None:
     """One annotated heat map per method: rows training centre, columns test centre (+ other centres)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cols = list(centers) + [OTHERS]
-    fig, axes = plt.subplots(1, len(methods), figsize=(1.6 + 1.3 * len(cols) * len(methods) + 1.0 * len(methods), 1.4 + 0.7 * len(centers)),
-                             dpi=100, squeeze=False)  # fmt: skip
+    fig = Figure(figsize=(1.6 + 1.3 * len(cols) * len(methods) + 1.0 * len(methods), 1.4 + 0.7 * len(centers)), dpi=100)
+    axes = fig.subplots(1, len(methods), squeeze=False)
     for ax, method in zip(axes[0], methods):
         values = np.full((len(centers), len(cols)), np.nan)
         for r in rows:
@@ -263,7 +254,6 @@ def plot_transfer(rows: Sequence[dict], centers: Sequence[str], methods: Sequenc
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 __all__ = ["TransferError", "holdout_split", "run_transfer", "plot_transfer"]

@@ -28,6 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
+import shapely
+from shapely.geometry import Polygon, shape
+
 from scripts.utils.errors import BundleError
 from scripts.utils.io_utils import atomic_path
 
@@ -58,9 +62,6 @@ class Annotation:
 
 def _shape(geometry: dict, where: str):
     """A valid shapely (Multi)Polygon from a GeoJSON geometry, or None for geometries without area."""
-    import shapely
-    from shapely.geometry import shape
-
     kind = geometry.get("type") if isinstance(geometry, dict) else None
     if kind == "GeometryCollection":
         parts = [_shape(g, where) for g in geometry.get("geometries", [])]
@@ -145,9 +146,6 @@ def read_annotations(
 
 def annotation_union(annotations: Iterable[Annotation]):
     """The union of the annotations' geometries (a shapely geometry; empty when there are none)."""
-    import shapely
-    from shapely.geometry import Polygon
-
     geoms = [a.geometry for a in annotations]
     return shapely.union_all(geoms) if geoms else Polygon()
 
@@ -191,8 +189,6 @@ def polygon_annotation(rings: Sequence[Sequence[Sequence[float]]] | Sequence[Seq
                        classification: str = "", color: tuple[int, int, int] | None = None, name: str = "") -> Annotation:
     """An :class:`Annotation` from GeoJSON-style coordinates: one polygon (list of rings: outer, holes)
     or several polygons (list of such lists)."""
-    import numpy as np
-
     depth = np.asarray(rings[0][0]).ndim  # polygon: rings[0][0] is a point (1-d); multipolygon: a ring (2-d)
     geometry = {"type": "Polygon" if depth == 1 else "MultiPolygon", "coordinates": rings}
     geom = _shape(geometry, "polygon_annotation")

@@ -26,8 +26,14 @@ from typing import Callable
 
 import h5py
 import numpy as np
+import shapely
+from matplotlib import colors as mcolors
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
+from shapely.geometry import LineString, Polygon
+from shapely.ops import split, unary_union
 
+from scripts.formats.layout import OutputLayout
 from scripts.utils.io_utils import atomic_path
 
 # QuPath classes of the exported tiles: the top 10% most attended, the next 40%, the rest.
@@ -165,12 +171,6 @@ def write_heatmap_png(
         outlines: annotation rings, each (K, 2) level-0 (x, y) (:func:`annotation_outlines`), drawn as
             black-and-white lines over the attention (visible on any colour of the map).
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from matplotlib import colors as mcolors
-
     thumbnail = np.asarray(thumbnail)
     if thumbnail.ndim != 3 or thumbnail.shape[2] < 3:
         raise ValueError(f"thumbnail must be (H, W, 3) RGB; got shape {thumbnail.shape}")
@@ -182,7 +182,8 @@ def write_heatmap_png(
     dpi = 100
     fig_w = max(w / dpi, 3.0) + 1.4  # room for the colour bar
     fig_h = max(h / dpi, 3.0) + 0.6
-    fig, ax = plt.subplots(figsize=(fig_w, fig_h), dpi=dpi)
+    fig = Figure(figsize=(fig_w, fig_h), dpi=dpi)
+    ax = fig.subplots()
     try:
         ax.imshow(thumbnail, interpolation="nearest")
         norm = mcolors.Normalize(vmin=0.0, vmax=100.0)
@@ -207,7 +208,7 @@ def write_heatmap_png(
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=dpi, format="png")
     finally:
-        plt.close(fig)
+        fig.clear()
     return Path(path)
 
 
@@ -386,9 +387,6 @@ def tier_outlines(
         ``[(tier name, RGB colour, [closed ring, ...]), ...]`` for the tiers that have patches in the
         region, highest tier first; a ring is a list of ``[x, y]`` level-0 pixels, first point repeated last.
     """
-    import shapely
-    from shapely.ops import unary_union
-
     coords, scores, patch_size_level0 = check_patch_inputs(coords, scores, patch_size_level0)
     if coords.shape[0] == 0:
         return []
@@ -417,9 +415,6 @@ def tier_outlines(
 
 def _hole_free(polygon, depth: int = 0) -> list:
     """``polygon`` cut into pieces without interior rings (see :func:`tier_outlines`)."""
-    from shapely.geometry import LineString, Polygon
-    from shapely.ops import split
-
     if polygon.geom_type != "Polygon":
         return [g for part in getattr(polygon, "geoms", []) for g in _hole_free(part, depth)]
     if not polygon.interiors:
@@ -453,8 +448,6 @@ def write_slide_outputs(
 
     ``annotations`` (a list of :class:`scripts.formats.annotations.Annotation`) are outlined on the heat map.
     """
-    from scripts.formats.layout import OutputLayout
-
     layout = OutputLayout(output_dir)
     title = slide_id if probability is None else f"{slide_id}   P(STAS) = {probability:.3f}"
     written = {

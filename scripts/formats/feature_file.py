@@ -38,14 +38,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import h5py
 import numpy as np
 import torch
 
 from scripts.formats.layout import OutputLayout
-from scripts.utils.errors import BundleError
 from scripts.formats.patch_file import (
-    PatchFile, PatchFileError, describe_patches, find_patch_file, h5_attrs, peer_attrs, plain, read_patch_file,
+    PatchFile,
+    PatchFileError,
+    describe_patches,
+    find_patch_file,
+    h5_attrs,
+    peer_attrs,
+    plain,
+    read_patch_file,
 )
+from scripts.utils.errors import BundleError
 from scripts.utils.io_utils import atomic_path
 
 FEATURE_SUFFIXES = (".h5", ".hdf5", ".pt", ".pth")
@@ -65,8 +73,6 @@ class FeatureMismatchError(FeatureFileError):
 
 # ------------------------------------------------------------------------------------------------- read
 def _open_h5(path: Path):
-    import h5py
-
     try:
         return h5py.File(path, "r")
     except OSError as error:
@@ -498,8 +504,6 @@ class FeatureWriter:
 
     def __init__(self, final: str | Path, coords: np.ndarray, feature_dim: int, attrs: dict,
                  patch: PatchFile | None = None, pt_file: str | Path | None = None) -> None:
-        import h5py
-
         self.final = Path(final)
         self.pt_file = None if pt_file in (None, "") else Path(pt_file)
         self._stack = contextlib.ExitStack()
@@ -582,8 +586,6 @@ def feature_file_is_complete(path: str | Path, coords: np.ndarray, encoder_name:
     if not path.is_file():
         return False
     try:
-        import h5py
-
         with h5py.File(path, "r") as h5:
             feats, stored = h5["features"], h5["coords"][()]
             return (

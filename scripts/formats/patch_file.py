@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from scripts.utils.errors import BundleError
@@ -112,8 +113,6 @@ def peer_attrs(attrs: dict, level_dim=None) -> dict:
 def write_patch_file(path: str | Path, coords: np.ndarray, attrs: dict, level_dim=None) -> None:
     """Write ``coords`` (N, 2) level-0 (x, y) with the bundle's ``attrs`` plus CLAM's and TRIDENT's
     (:func:`peer_attrs`), on the ``coords`` dataset and on the file root, atomically."""
-    import h5py
-
     path = Path(path)
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     full = dict(attrs)
@@ -234,8 +233,6 @@ def describe_patches(attrs: dict, coords: np.ndarray, path: Path | None = None) 
 def read_patch_file(path: str | Path) -> PatchFile:
     """Read a patch-coordinate file written by the bundle, CLAM, TRIDENT, or with a ``patch_size`` and
     enough attributes to size the region (see :func:`describe_patches`)."""
-    import h5py
-
     path = Path(path)
     if not path.is_file():
         raise PatchFileError(f"patch file {path} not found; run the preprocessing workflow first (configs/preprocess.json)")

@@ -7,7 +7,11 @@ import math
 from typing import Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
+from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score, roc_curve
+
+from scripts.utils.io_utils import atomic_path
 
 
 def auc(labels: Sequence[int], probs: Sequence[float]) -> float:
@@ -84,8 +88,6 @@ def format_ci(value: float | None, ci: Sequence | None, digits: int = 3) -> str:
 
 def _fast_auc(labels: np.ndarray, probs: np.ndarray) -> float:
     """Mann-Whitney AUC with ties counted half (equals sklearn's roc_auc_score)."""
-    from scipy.stats import rankdata
-
     ranks = rankdata(probs)
     n_pos = labels.sum()
     n_neg = len(labels) - n_pos
@@ -161,14 +163,8 @@ def nan_to_none(obj):
 
 def plot_roc(curves: dict[str, tuple[Sequence[int], Sequence[float]]], path, title: str = "ROC") -> None:
     """ROC curves (name -> (labels, probs)) in one PNG, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from scripts.utils.io_utils import atomic_path
-
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    fig = Figure(figsize=(5, 5), dpi=100)
+    ax = fig.subplots()
     for name, (labels, probs) in curves.items():
         labels = np.asarray(labels, dtype=int)
         if len(np.unique(labels)) < 2:
@@ -182,4 +178,3 @@ def plot_roc(curves: dict[str, tuple[Sequence[int], Sequence[float]]], path, tit
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)

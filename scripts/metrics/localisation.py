@@ -30,8 +30,15 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import shapely
+import torch
 
+from scripts.formats.annotations import annotation_union, read_annotations
+from scripts.formats.attention_outputs import percentile_rank, top_k_indices
+from scripts.formats.feature_file import patch_geometry as file_geometry
+from scripts.formats.feature_file import read_features
 from scripts.formats.layout import OutputLayout
+from scripts.metrics.classification import auc, nan_to_none
 from scripts.utils.io_utils import write_csv, write_json
 
 logger = logging.getLogger(__name__)
@@ -49,10 +56,6 @@ def patch_overlap(coords, patch_size_level0: float, annotations) -> np.ndarray:
         patch_size_level0: patch side in level-0 pixels.
         annotations: a list of :class:`~scripts.formats.annotations.Annotation` or one shapely geometry.
     """
-    import shapely
-
-    from scripts.formats.annotations import annotation_union
-
     coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
     side = float(patch_size_level0)
     if not side > 0:
@@ -72,9 +75,6 @@ def patch_overlap(coords, patch_size_level0: float, annotations) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- per slide
 def slide_localisation(scores, overlap, top_k: int = 8, min_overlap: float = 0.0) -> dict:
     """Attention AUC, top-k hit and attention mass of one slide (see the module docstring)."""
-    from scripts.formats.attention_outputs import top_k_indices
-    from scripts.metrics.classification import auc
-
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     overlap = np.asarray(overlap, dtype=np.float64).reshape(-1)
     if scores.shape != overlap.shape:
@@ -150,10 +150,6 @@ def localise_cohort(
 ) -> dict:
     """Per-slide and summary localisation outputs under ``output_dir`` (module docstring); returns the
     summary. A slide whose annotation file cannot be read gets ``status`` failed and the others go on."""
-    from scripts.formats.attention_outputs import percentile_rank
-    from scripts.formats.annotations import read_annotations
-    from scripts.metrics.classification import nan_to_none
-
     output_dir = Path(output_dir)
     rows = []
     for slide in slides:
@@ -202,8 +198,6 @@ def _fmt(value) -> str:
 def bag_attention(model, features) -> np.ndarray | None:
     """Attention (N,) of one bag (N, D) under a MIL network with ``forward_packed`` (eval mode, no
     gradients), or None when the network defines no attention (mean / max pooling)."""
-    import torch
-
     features = features if torch.is_tensor(features) else torch.as_tensor(np.asarray(features), dtype=torch.float32)
     device = next(model.parameters()).device
     was_training = model.training
@@ -229,9 +223,6 @@ def patch_geometry(feature_file: str | Path) -> tuple[np.ndarray, float]:
     The patch side comes from :func:`scripts.formats.feature_file.patch_geometry` (the file's attributes,
     else the patch file beside it), the one place that decides it for inference too.
     """
-    from scripts.formats.feature_file import patch_geometry as file_geometry
-    from scripts.formats.feature_file import read_features
-
     feature_file = Path(feature_file)
     _, coords = read_features(feature_file)
     geometry = file_geometry(feature_file, feature_file.stem, OutputLayout(feature_file.parent.parent).root)

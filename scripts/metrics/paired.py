@@ -27,6 +27,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 
@@ -216,8 +217,6 @@ def compare_csv(csv: str, label: str = "label", score_a: str = "score_a", score_
     """Both tests on a CSV with one row per slide; prints and returns JSON. With ``group`` (the patient
     column) ``bootstrap`` is the patient-cluster bootstrap, the test to read; ``delong`` assumes
     independent slides."""
-    import pandas as pd
-
     df = pd.read_csv(csv)
     missing = [c for c in (label, score_a, score_b, group) if c and c not in df.columns]
     if missing:

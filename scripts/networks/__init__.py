@@ -4,7 +4,6 @@ Importing this package registers every MIL head under its name (see ``registry.M
 Encoders (``ctranspath``, ``encoders``) are imported on demand so MIL-only code does not load timm.
 """
 
-from scripts.networks.registry import MIL_NETWORKS, build_mil_network, register_mil_network
 from scripts.networks import (  # noqa: F401,E402  (each module registers its network)
     abmil,
     acmil,
@@ -17,5 +16,6 @@ from scripts.networks import (  # noqa: F401,E402  (each module registers its ne
     smile_adaptive,
     transmil,
 )
+from scripts.networks.registry import MIL_NETWORKS, build_mil_network, register_mil_network
 
 __all__ = ["MIL_NETWORKS", "build_mil_network", "register_mil_network"]

@@ -19,9 +19,11 @@ import re
 from pathlib import Path
 from typing import Mapping
 
+import timm
 import torch
 import torch.nn as nn
 
+from scripts.formats.checkpoints import CheckpointError, UntrustedCheckpointError, load_weights_file
 from scripts.utils.errors import BundleError
 
 CTRANSPATH_FEATURE_DIM = 768
@@ -117,8 +119,6 @@ class ConvStem(nn.Module):
 
 def build_ctranspath() -> nn.Module:
     """CTransPath with random weights: (N, 3, 224, 224) ImageNet-normalised -> (N, 768)."""
-    import timm
-
     return timm.create_model(
         "swin_tiny_patch4_window7_224", pretrained=False, embed_layer=ConvStem, num_classes=0
     )
@@ -199,8 +199,6 @@ def load_checkpoint_file(path: str | Path, help_text: str = CTRANSPATH_WEIGHTS_H
     """Load a local weights file on the CPU with ``weights_only=True`` (see
     :func:`scripts.formats.checkpoints.load_file`): a missing file is a WeightsError saying where to get
     it; a file holding pickled objects is refused unless ``--trust_checkpoint true``."""
-    from scripts.formats.checkpoints import CheckpointError, UntrustedCheckpointError, load_weights_file
-
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"encoder weights file {path} not found. {help_text}")

@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.models import resnet50
 
 from scripts.networks.ctranspath import (
     CTRANSPATH_WEIGHTS_HELP,
@@ -217,7 +219,6 @@ class ResNet50Trunc(nn.Module):
 
     def __init__(self):
         super().__init__()
-        from torchvision.models import resnet50
 
         full = resnet50(weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = full.conv1, full.bn1, full.relu, full.maxpool
@@ -256,8 +257,6 @@ register_encoder(EncoderSpec(
 
 
 def _timm_spec(model_name: str) -> EncoderSpec:
-    import timm
-
     if model_name not in timm.list_models():
         raise KeyError(f"timm has no model named {model_name!r} (timm.list_models() lists them)")
 

@@ -8,7 +8,6 @@ No attention is defined (every instance weighs 1/N).
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from scripts.networks.base import MILNetwork

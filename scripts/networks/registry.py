@@ -21,8 +21,6 @@ def register_mil_network(name: str) -> Callable[[type[nn.Module]], type[nn.Modul
 
 def build_mil_network(name: str, **kwargs) -> nn.Module:
     """Build a registered MIL network by name (e.g. ``"smile"``, ``"abmil_gated"``)."""
-    import scripts.networks  # noqa: F401  (registers the built-in networks)
-
     if name not in MIL_NETWORKS:
         raise KeyError(f"unknown MIL network {name!r}; registered: {', '.join(sorted(MIL_NETWORKS))}")
     return MIL_NETWORKS[name](**kwargs)

@@ -22,12 +22,12 @@ import queue
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
+from scripts.utils.errors import find_bundle_error
+
 
 def unwrap_transform_error(error: BaseException) -> BaseException:
     """The slide's own error under MONAI's "applying transform ..." wrapping (a bundle error when there is
     one in the chain, else the innermost wrapped cause)."""
-    from scripts.utils.errors import find_bundle_error
-
     found = find_bundle_error(error)
     if found is not None:
         return found

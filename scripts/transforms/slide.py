@@ -17,7 +17,10 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+from scripts.wsi.gpu_decode import resolve_decode_device
 from scripts.wsi.grid import patch_grid
+from scripts.wsi.open import DEFAULT_BACKENDS
+from scripts.wsi.patches import PatchReader, iter_patch_batches
 from scripts.wsi.reader import SlideWSIReader
 from scripts.wsi.tissue import TissueParams, tissue_mask
 
@@ -114,8 +117,6 @@ class ReadPatchesd(MapTransform):
     def __init__(self, keys: KeysCollection = "wsi", backends: Sequence[str] | None = None,
                  out_size: int | None = None, batch_size: int = 32, num_workers: int = 2,
                  decode_device: str = "cpu", device: str | torch.device | None = None) -> None:
-        from scripts.wsi.gpu_decode import resolve_decode_device
-
         super().__init__(keys)
         self.backends = tuple(backends) if backends else None
         self.out_size = None if out_size is None else int(out_size)
@@ -125,9 +126,6 @@ class ReadPatchesd(MapTransform):
         self.decode_device = resolve_decode_device(decode_device, device)
 
     def __call__(self, data):
-        from scripts.wsi.open import DEFAULT_BACKENDS
-        from scripts.wsi.patches import PatchReader, iter_patch_batches
-
         d = dict(data)
         grid = d.get("grid")
         level = int(d["level"] if grid is None else grid.level)

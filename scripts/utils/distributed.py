@@ -13,6 +13,7 @@ import os
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,6 @@ def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: boo
     """DistributedDataParallel around :class:`PackedForward` when running under torchrun, else ``model``."""
     if world_size() <= 1:
         return model
-    from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(PackedForward(model), device_ids=device_ids, find_unused_parameters=find_unused_parameters)

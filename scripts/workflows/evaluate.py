@@ -27,14 +27,15 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from scripts.utils.errors import BundleError
+from scripts.data.bags import Bag, bags_from_datalist, feature_dim
 from scripts.data.heldout import OverlapError, check_overlap  # noqa: F401 (OverlapError: part of this API)
-from scripts.formats.layout import OutputLayout
-from scripts.utils.io_utils import write_csv, write_json
-from scripts.metrics import classification_report, format_ci, nan_to_none, plot_roc
-from scripts.data.bags import Bag, feature_dim
 from scripts.engines.ensemble import ENSEMBLE_THRESHOLD_RULE, FoldEnsemble, ensemble_threshold  # noqa: F401 - re-exported
 from scripts.formats.checkpoints import find_fold_checkpoints
+from scripts.formats.layout import OutputLayout
+from scripts.metrics import classification_report, format_ci, nan_to_none, plot_roc
+from scripts.metrics.localisation import SlideAttention, bag_attention, localise_cohort, patch_geometry
+from scripts.utils.errors import BundleError
+from scripts.utils.io_utils import write_csv, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,6 @@ class MissingCohortError(BundleError):
 
 def evaluation_bags(datalist, features_dir=None, **kwargs):
     """Bags of the cohort to evaluate (``scripts.data.bags.bags_from_datalist``); refuses an empty datalist."""
-    from scripts.data.bags import bags_from_datalist
-
     if datalist in (None, "") or str(datalist).strip() == "":
         raise MissingCohortError(
             "configs/evaluate.json: no cohort to evaluate; give a held-out datalist with --datalist other.csv "
@@ -137,8 +136,6 @@ def localise_bags(bags: Sequence[Bag], models: Sequence[Any], annotations: Mappi
                   top_k: int = 8, n_bootstrap: int = 2000) -> dict:
     """Localisation outputs of ``bags`` under ``out_dir``: the models' mean attention per bag against the
     bag's annotation file (patch corners and size from its feature file)."""
-    from scripts.metrics.localisation import SlideAttention, bag_attention, localise_cohort, patch_geometry
-
     def slides():
         for bag in bags:
             if bag.features_path is None:

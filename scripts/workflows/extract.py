@@ -33,22 +33,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import h5py
 import numpy as np
 import torch
+import torch.distributed as dist
+from monai.transforms import Compose
+from tqdm.auto import tqdm
 
 from scripts.data.datalist import load_datalist
-from scripts.utils.errors import raise_if_all_failed
-from scripts.formats.layout import OutputLayout
-from scripts.utils.io_utils import atomic_path, write_csv
-from scripts.networks.encoders import Encoder
 from scripts.formats.feature_file import FeatureWriter, load_features, write_pt_file
 from scripts.formats.feature_file import feature_file_is_complete as _feature_file_is_complete
-from scripts.formats.patch_file import PatchFile, PatchFileError, find_patch_file
+from scripts.formats.layout import OutputLayout
+from scripts.formats.patch_file import PatchFile, PatchFileError, find_patch_file, slide_fingerprint
 from scripts.formats.patch_file import read_patch_file as read_coordinate_file
-from scripts.formats.patch_file import slide_fingerprint
-from scripts.wsi.open import DEFAULT_BACKENDS
+from scripts.networks.encoders import Encoder, resolve_precision
+from scripts.transforms import EncoderInputd, OpenSlided, ReadPatchesd
 from scripts.transforms.prefetch import SlidePrefetcher, slide_items
+from scripts.utils.errors import raise_if_all_failed
+from scripts.utils.io_utils import write_csv
+from scripts.wsi.open import DEFAULT_BACKENDS
 from scripts.wsi.patches import warm_up
+from scripts.wsi.reader import SlideWSIReader
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +94,6 @@ def feature_file_is_complete(path: Path, coords: np.ndarray, encoder: Encoder, s
         return False
     wanted = getattr(encoder, "precision", "auto")
     if wanted in ("bf16", "fp32"):  # features of the other precision are extracted again
-        import h5py
 
         with h5py.File(path, "r") as h5:
             stored = h5.attrs.get("precision")
@@ -140,11 +144,6 @@ def default_slide_transforms(reader=None, batch_size: int = 32, num_workers: int
                              backends: Sequence[str] = DEFAULT_BACKENDS):
     """The ``extract_transforms`` configs/extract.json declares: ``OpenSlided`` (the slide opened by the reader
     component, ``SlideWSIReader`` over ``backends`` when ``reader`` is None) then ``ReadPatchesd`` (batches)."""
-    from monai.transforms import Compose
-
-    from scripts.transforms import OpenSlided, ReadPatchesd
-    from scripts.wsi.reader import SlideWSIReader
-
     reader = reader if reader is not None else SlideWSIReader(backends, require_mpp=False)
     return Compose([OpenSlided("image", reader=reader),
                     ReadPatchesd("wsi", batch_size=batch_size, num_workers=num_workers)])
@@ -278,7 +277,6 @@ class FeatureExtractionWorkflow:
         self.distributed = distributed
         self.progress = bool(progress)
         self.write_pt_files = _flag(write_pt_files)
-        from scripts.networks.encoders import resolve_precision
 
         self.precision = resolve_precision(precision, self.device.type)  # bf16 / fp32, fails early on a typo
         self.encoder.precision = self.precision
@@ -314,7 +312,6 @@ class FeatureExtractionWorkflow:
         wanted = self.distributed if self.distributed != "auto" else world > 1
         if not wanted or world <= 1:
             return 0, 1, False
-        import torch.distributed as dist
 
         if dist.is_initialized():
             return dist.get_rank(), dist.get_world_size(), False
@@ -349,8 +346,6 @@ class FeatureExtractionWorkflow:
         warm_up([info.slide_path for _, info in jobs], self.backends)  # the cuCIM probe, before any thread
         bar = None
         if self.progress:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=sum(len(info.coords) for _, info in jobs), unit="patch", dynamic_ncols=True,
                        desc="extract" if world == 1 else f"extract rank {rank}", position=rank if world > 1 else None)
         try:
@@ -427,9 +422,6 @@ def extract_slide(
     ``prepared`` (from :class:`FeatureExtractionWorkflow`'s read-ahead) replaces the planning and reading:
     ``record`` is then unused. ``on_batch(n)`` is called after each batch of ``n`` patches (progress).
     """
-    from scripts.networks.encoders import resolve_precision
-    from scripts.transforms import EncoderInputd
-
     device = torch.device(device)
     encoder.precision = resolve_precision(precision, device.type)
     bar = None
@@ -441,8 +433,6 @@ def extract_slide(
                                                                   reader_backends(reader_backend))
         prepared = PreparedSlide(row, info, slide_items(transforms, slide_input(info)))
         if progress and on_batch is None:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=len(info.coords), unit="patch", desc=info.slide_id, dynamic_ncols=True, leave=False)
             on_batch = bar.update
         encoder.to(device)

@@ -38,15 +38,20 @@ from typing import Sequence
 import torch
 
 from scripts.data.datalist import SlideRecord, load_datalist
-from scripts.utils.errors import raise_if_all_failed
+from scripts.data.heldout import check_overlap
 from scripts.formats.checkpoints import CheckpointError, load_into_network, resolve_checkpoints  # noqa: F401
 from scripts.formats.feature_file import read_features  # noqa: F401 - re-exported (benchmarks)
 from scripts.formats.layout import OutputLayout
-from scripts.data.heldout import check_overlap
-from scripts.utils.io_utils import write_csv
 from scripts.metrics.localisation import SlideAttention, localise_cohort
+from scripts.utils.errors import raise_if_all_failed
+from scripts.utils.io_utils import write_csv
 from scripts.workflows.predict import (  # noqa: F401 - the per-slide parts, re-exported for older imports
-    FeatureStage, PatchStage, SlidePrediction, SlidePredictor, open_slide_for_outputs, predict_bag,
+    FeatureStage,
+    PatchStage,
+    SlidePrediction,
+    SlidePredictor,
+    open_slide_for_outputs,
+    predict_bag,
 )
 
 # the former config-file list (still runs; configs/inference.json alone is complete)

@@ -47,17 +47,29 @@ from typing import Any, Callable, Mapping, Sequence
 import h5py
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
 from torch import nn
 
-from scripts.formats.attention_outputs import percentile_rank, write_attention_h5, write_geojson, write_slide_outputs
 from scripts.data.datalist import SlideRecord
-from scripts.utils.errors import BundleError
 from scripts.engines.ensemble import FoldEnsemble, predict_bag  # noqa: F401 - predict_bag re-exported
+from scripts.formats.annotations import AnnotationError, read_annotations
+from scripts.formats.attention_outputs import percentile_rank, write_attention_h5, write_geojson, write_slide_outputs
 from scripts.formats.feature_file import (
-    FeatureExpectation, FeatureFileError, check_features, feature_candidates, feature_info, find_feature_file,
-    patch_geometry, read_features,
+    FeatureExpectation,
+    FeatureFileError,
+    check_features,
+    feature_candidates,
+    feature_info,
+    find_feature_file,
+    patch_geometry,
+    read_features,
 )
 from scripts.formats.layout import OutputLayout
+from scripts.networks.encoders import RANDOM_WEIGHTS
+from scripts.utils.errors import BundleError
+from scripts.workflows.extract import configure_torch, extract_slide
+from scripts.workflows.preprocess import preprocess_slide
+from scripts.wsi.open import open_slide
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +84,6 @@ class PredictionError(BundleError):
 # ------------------------------------------------------------------------------------------------ slides
 def open_slide_for_outputs(path: str | Path, slide_id: str, mpp: float | None = None):
     """An open slide with ``dimensions``, ``thumbnail(max_size)`` and ``read_region((x, y), (w, h), level)``."""
-    from scripts.wsi.open import open_slide
-
     return open_slide(path, slide_id=slide_id, mpp=mpp, require_mpp=False)
 
 
@@ -91,8 +101,6 @@ class PatchStage:
         self.output_dir = Path(output_dir)
 
     def __call__(self, record: SlideRecord) -> tuple[Path, dict]:
-        from scripts.workflows.preprocess import preprocess_slide
-
         start = time.perf_counter()
         row = preprocess_slide(record, self.settings, self.output_dir)
         total = time.perf_counter() - start
@@ -138,8 +146,6 @@ class FeatureStage:
         """The encoder, built on first use (a server may call this from several threads)."""
         with self._lock:
             if self._encoder is None:
-                from scripts.workflows.extract import configure_torch
-
                 factory = self.encoder_factory
                 self._encoder = factory() if callable(factory) and not hasattr(factory, "feature_dim") else factory
                 configure_torch(self.options["device"], self.num_threads, 1)
@@ -149,8 +155,6 @@ class FeatureStage:
             return self._encoder
 
     def __call__(self, record: SlideRecord, patch_file: Path) -> tuple[Path, float]:
-        from scripts.workflows.extract import extract_slide
-
         start = time.perf_counter()
         row = extract_slide(record, self.encoder, self.output_dir, **self.options)
         if row["status"] not in ("ok", "skipped"):
@@ -278,8 +282,6 @@ class SlidePredictor:
         """``configs/inference.json``'s ``predictor`` with ``checkpoints``, ``output_dir`` and ``overrides``
         (config ids -> values, as on the command line: ``{"patch_size": 512, "tissue#min_saturation": 20,
         "encoder_weights": "w.pth"}``). ``bundle_root`` defaults to this bundle's folder."""
-        from monai.bundle import ConfigParser
-
         root = Path(bundle_root) if bundle_root is not None else Path(__file__).resolve().parents[2]
         parser = ConfigParser()
         parser.read_config(str(Path(config_file) if config_file is not None else root / INFERENCE_CONFIG))
@@ -537,8 +539,6 @@ def _file_sha256(path: Path) -> str:
 
 
 def _random_encoder(feature_file: Path) -> bool:
-    from scripts.networks.encoders import RANDOM_WEIGHTS
-
     if Path(feature_file).suffix.lower() not in (".h5", ".hdf5"):
         return False
     try:
@@ -568,7 +568,6 @@ def _annotations_or_none(record: SlideRecord):
     localisation step; it never costs the slide its prediction or heat map)."""
     if record.annotations is None:
         return None
-    from scripts.formats.annotations import AnnotationError, read_annotations
 
     try:
         return read_annotations(record.annotations)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import sys
 import time
 import traceback
@@ -27,17 +26,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
+from monai.transforms import Compose
+from tqdm.auto import tqdm
 
 from scripts.data.datalist import SlideRecord, load_datalist
-from scripts.utils.errors import raise_if_all_failed
 from scripts.formats.layout import OutputLayout
+from scripts.formats.patch_file import read_patch_file, slide_fingerprint, write_patch_file
+from scripts.transforms import OpenSlided, PatchGridd, TissueMaskd
+from scripts.utils.errors import find_bundle_error, raise_if_all_failed
 from scripts.utils.io_utils import write_csv
 from scripts.wsi import mpp as mpp_lib
-from scripts.formats.patch_file import read_patch_file, slide_fingerprint, write_patch_file
-from scripts.wsi.preview import save_preview
 from scripts.wsi.open import DEFAULT_BACKENDS, SlideReadError
+from scripts.wsi.preview import save_preview
 from scripts.wsi.probe import probe_cucim
+from scripts.wsi.reader import SlideWSIReader
 from scripts.wsi.tissue import TissueParams, warm_up_itk
 
 logger = logging.getLogger("scripts.workflows.preprocess")
@@ -83,11 +85,6 @@ class PreprocessSettings:
 def default_slide_transforms(settings: PreprocessSettings):
     """The Compose configs/preprocess.json declares, built from ``settings``: open the slide with
     :class:`~scripts.wsi.reader.SlideWSIReader` (trusted mpp), tissue mask, patch grid."""
-    from monai.transforms import Compose
-
-    from scripts.transforms import OpenSlided, PatchGridd, TissueMaskd
-    from scripts.wsi.reader import SlideWSIReader
-
     reader = SlideWSIReader(backends=settings.backends, default_mpp=settings.default_mpp)
     return Compose([
         OpenSlided("image", reader=reader),
@@ -109,8 +106,6 @@ def run_slide_transforms(transforms, data: dict) -> tuple[dict, dict]:
             data = step(data)
         except Exception as error:
             # MONAI wraps a transform's error in "applying transform ..."; the slide's own error is more useful
-            from scripts.utils.errors import find_bundle_error
-
             raise (find_bundle_error(error) or error) from error
         seconds[name] = time.perf_counter() - start
     return data, seconds
@@ -229,8 +224,6 @@ def _preprocess_open_slide(record, settings, output_dir, h5_path, png_path, star
 
 
 def _worker_init() -> None:
-    import scripts  # noqa: F401 - quiet native-library defaults in spawned workers
-
     logging.getLogger().setLevel(logging.WARNING)
 
 
@@ -288,15 +281,11 @@ class PreprocessWorkflow:
         return ordered
 
     def _bar(self, items, total=None):
-        from tqdm.auto import tqdm
-
         return tqdm(items, total=total, desc="preprocess", unit="slide", disable=not self.progress, file=sys.stderr)
 
     def _run_pool(self, records, settings, rows) -> None:
         if self.start_method == "fork":
-            # load the slow libraries once, before forking, so workers start instantly
-            from monai.data import WSIReader  # noqa: F401
-
+            # load ITK once, before forking, so workers start instantly (MONAI's readers came with this module)
             if settings.tissue.backend == "itk" or settings.transforms is not None:
                 warm_up_itk()
         context = multiprocessing.get_context(self.start_method)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from monai.bundle import ConfigParser
+
 from scripts.formats.checkpoints import CheckpointError, load_into_network, publish_state_dict
 
 logger = logging.getLogger(__name__)
@@ -28,8 +30,6 @@ logger = logging.getLogger(__name__)
 
 def build_network_def(config_file: str | Path = "configs/inference.json", bundle_root: str | Path = "."):
     """``network_def`` of a bundle config, as ``monai.bundle`` builds it."""
-    from monai.bundle import ConfigParser
-
     parser = ConfigParser()
     parser.read_config(str(config_file))
     parser["bundle_root"] = str(bundle_root)

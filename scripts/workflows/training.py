@@ -41,8 +41,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import logging
 import math
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,19 +53,22 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from monai.bundle import ConfigParser
+from monai.handlers import TensorBoardHandler
+from monai.utils import set_determinism
 from torch import nn
-from torch.utils.data import DataLoader
 
+from scripts.data.bags import Bag, feature_dim
+from scripts.data.feature_norm import check_feature_norm, fit_feature_norm, standardize_bags
+from scripts.engines.handlers import EpochHistory
+from scripts.engines.mil import THRESHOLD_FALLBACK, THRESHOLD_KEYS, THRESHOLD_SOURCE, predict
 from scripts.formats.checkpoints import copy_checkpoint, save_checkpoint
-from scripts.networks.methods import build_from_checkpoint, network_spec
 from scripts.formats.fingerprint import FINGERPRINT_METHOD, file_fingerprint
 from scripts.formats.layout import OutputLayout
-from scripts.utils.io_utils import write_csv, write_json
 from scripts.metrics import classification_report, format_ci, nan_to_none, plot_roc, youden_threshold
-from scripts.utils.distributed import is_main_process
-from scripts.engines.mil import THRESHOLD_FALLBACK, THRESHOLD_KEYS, THRESHOLD_SOURCE, predict
-from scripts.data.feature_norm import check_feature_norm, fit_feature_norm, standardize_bags
-from scripts.data.bags import Bag, BagDataset, collate_bags, feature_dim
+from scripts.networks.methods import build_from_checkpoint, network_spec
+from scripts.utils.distributed import is_main_process, unwrap
+from scripts.utils.io_utils import write_csv, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -378,10 +384,6 @@ def active_config_parser():
     ``train#trainer``, ``validate#evaluator`` and their handlers for every fold. It is found on the call
     stack (``ConfigParser.get_parsed_content`` is always a caller of an expression being evaluated).
     """
-    import inspect
-
-    from monai.bundle import ConfigParser
-
     frame = inspect.currentframe()
     while frame is not None:
         candidate = frame.f_locals.get("self")
@@ -403,8 +405,6 @@ def training_parser(overrides: dict | None = None, config_file: str | Path | Seq
     ``--epochs 50`` or ``--network_def#factor 0.3`` would set them; Python objects are allowed, e.g. an
     optimizer factory for ``optimizer``). For Python callers of :func:`train_from_config`, the
     comparison, the ablation and the transfer (``parser=``)."""
-    from monai.bundle import ConfigParser
-
     files = [config_file] if isinstance(config_file, (str, Path)) else list(config_file or [TRAIN_CONFIG])
     parser = ConfigParser()
     parser.read_config([str(f) for f in files])
@@ -420,8 +420,6 @@ def config_parser_for(parser, output_dir, stage: str):
     """The training config of a comparison / ablation / transfer run: ``parser`` or the one evaluating the
     current config expression (:func:`scripts.workflows.training.active_config_parser`). A first positional argument
     that is not a folder gets a clear error (these functions used to take a ``TrainSettings`` there)."""
-    import os
-
     if not isinstance(output_dir, (str, os.PathLike)):
         raise TypeError(f"{stage}: output_dir must be a folder, got {type(output_dir).__name__}; the training settings "
                         "come from the config (parser=scripts.workflows.training.training_parser({...}) from Python)")
@@ -453,20 +451,12 @@ def train_from_config(
     if unlabeled:
         raise ValueError(f"bags without a label cannot be used for training: {', '.join(unlabeled[:5])}")
     if fold_dir is None:
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix="smile_fold_") as scratch:
             return _train_from_config(parser, train_bags, val_bags, scratch, seed, run_name, bags, overrides)
     return _train_from_config(parser, train_bags, val_bags, fold_dir, seed, run_name, bags, overrides)
 
 
 def _train_from_config(parser, train_bags, val_bags, fold_dir, seed, run_name, bags, overrides) -> tuple[nn.Module, dict]:
-    from monai.bundle import ConfigParser
-    from monai.handlers import TensorBoardHandler
-    from monai.utils import set_determinism
-
-    from scripts.engines.handlers import EpochHistory
-
     fold = ConfigParser(copy.deepcopy(parser.get()), globals=dict(parser.globals))
     for key, value in (overrides or {}).items():
         fold[key] = value

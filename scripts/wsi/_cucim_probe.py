@@ -16,8 +16,8 @@ def main(paths: list[str]) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
-    from cucim import CuImage
     import numpy as np
+    from cucim import CuImage
 
     for index, path in enumerate(paths):
         print(f"START\t{index}", file=answers, flush=True)

@@ -23,6 +23,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
+import tifffile
+
 from scripts.utils.errors import BundleError
 from scripts.wsi.filekind import file_kind  # noqa: F401 - also part of this module's API
 
@@ -54,8 +57,6 @@ def is_plausible(value: float | None) -> bool:
 
 def candidates_from_tiff(path: str | Path) -> list[MppCandidate]:
     """Resolution candidates in a TIFF's first page: Aperio description, OME-XML, resolution tags."""
-    import tifffile
-
     found: list[MppCandidate] = []
     with tifffile.TiffFile(path) as tif:
         page = tif.pages.first
@@ -93,8 +94,6 @@ def candidates_from_openslide(properties) -> list[MppCandidate]:
 
 
 def candidates_from_dicom(path: str | Path) -> list[MppCandidate]:
-    import pydicom
-
     ds = pydicom.dcmread(str(path), stop_before_pixels=True)
     spacing = None
     shared = ds.get("SharedFunctionalGroupsSequence")

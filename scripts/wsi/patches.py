@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 
 from scripts.wsi.backends import DEFAULT_BACKENDS
 from scripts.wsi.backends.base import SlideHandle, SlideReadError, to_rgb
@@ -27,7 +28,6 @@ def resize_rgb(patch: np.ndarray, out_size: int) -> np.ndarray:
     """Square RGB patch -> (out_size, out_size, 3), bilinear with antialiasing (PIL)."""
     if patch.shape[0] == out_size and patch.shape[1] == out_size:
         return patch
-    from PIL import Image
 
     return np.asarray(Image.fromarray(patch).resize((out_size, out_size), Image.BILINEAR))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from scripts.utils.io_utils import atomic_path
 
@@ -20,8 +21,6 @@ def save_preview(
     title: str | None = None,
 ) -> None:
     """``thumbnail`` and ``mask`` share a grid whose pixel is ``downsample`` level-0 pixels wide."""
-    from PIL import Image, ImageDraw
-
     height, width = mask.shape
     factor = min(1.0, max_size / float(max(width, height)))
     size = (max(1, int(round(width * factor))), max(1, int(round(height * factor))))

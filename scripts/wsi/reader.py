@@ -30,7 +30,9 @@ from typing import Sequence
 import numpy as np
 from monai.data.wsi_reader import BaseWSIReader
 from monai.utils import ensure_tuple
+from PIL import Image
 
+from scripts.utils.quiet import native_output_silenced  # noqa: F401 - re-exported (benchmarks)
 from scripts.wsi.backends import DEFAULT_BACKENDS
 from scripts.wsi.backends.base import SlideHandle, SlideReadError, to_rgb
 from scripts.wsi.filekind import file_kind
@@ -38,7 +40,6 @@ from scripts.wsi.mpp import MppError
 from scripts.wsi.open import open_slide
 from scripts.wsi.patches import PatchReader, iter_patch_batches, resize_rgb, warm_up  # noqa: F401 - re-exported
 from scripts.wsi.probe import probe_cucim  # noqa: F401 - re-exported
-from scripts.utils.quiet import native_output_silenced  # noqa: F401 - re-exported (benchmarks)
 
 __all__ = [
     "SlideWSIReader", "DEFAULT_BACKENDS", "SlideHandle", "SlideReadError", "open_slide", "probe_cucim",
@@ -170,7 +171,6 @@ class SlideWSIReader(BaseWSIReader):
         if level < wsi.level_count:
             pixels = wsi.read_region(xy, (width, height), level)
         else:  # an extra level: read the finest real level not finer than needed, resize
-            from PIL import Image
 
             wanted = self.get_downsample_ratio(wsi, level)
             real = max(i for i, d in enumerate(wsi.level_downsamples) if d <= wanted * 1.001)

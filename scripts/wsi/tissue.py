@@ -22,7 +22,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import itk
 import numpy as np
+from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
 
 # Before ITK loads: one thread per filter, no persistent thread pool. Slides run in parallel worker
 # processes (forked from a parent that loaded ITK once); a pool's threads would not survive the fork.
@@ -52,8 +55,6 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
 
 
 def otsu_threshold(values: np.ndarray) -> float:
-    from skimage.filters import threshold_otsu
-
     if values.min() == values.max():
         return float(values.max()) + 1.0
     return float(threshold_otsu(values))
@@ -91,8 +92,6 @@ def _disk(radius: int) -> np.ndarray:
 
 
 def _clean_scipy(raw, close_r, open_r, fill_holes, min_px):
-    from scipy import ndimage as ndi
-
     pad = close_r  # pad so that closing does not eat tissue touching the image border
     mask = np.pad(raw, pad, mode="edge") if pad else raw
     if close_r:
@@ -117,8 +116,6 @@ _ITK_KERNELS: dict = {}
 
 
 def _itk_kernel(radius: int):
-    import itk
-
     kernel = _ITK_KERNELS.get(radius)
     if kernel is None:
         kernel = _ITK_KERNELS[radius] = itk.FlatStructuringElement[2].Ball(radius)
@@ -131,8 +128,6 @@ def warm_up_itk() -> None:
 
 
 def _clean_itk(raw, close_r, open_r, fill_holes, min_px):
-    import itk
-
     pad = close_r
     mask = np.pad(raw, pad, mode="edge") if pad else raw
     image = itk.image_from_array(mask.astype(np.uint8))

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from scripts.utils.errors import BundleError
 
@@ -55,8 +56,6 @@ class SlideHandle:
     def read_scaled(self, downsample: float, max_chunk: int = 2048) -> np.ndarray:
         """The whole slide at ``downsample`` (relative to level 0), RGB uint8, read in chunks from the
         finest level that is not finer than needed, so memory stays bounded on large levels."""
-        from PIL import Image
-
         level = max((i for i, d in enumerate(self.level_downsamples) if d <= downsample * 1.001), default=0)
         level_ds = self.level_downsamples[level]
         level_w, level_h = self.level_dimensions[level]

@@ -6,6 +6,10 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pydicom
+from PIL import Image  # JPEG / JPEG 2000: PIL follows the codestream's own colour space
+from pydicom.encaps import generate_frames
+from pydicom.pixels import pixel_array
 
 from scripts.wsi.backends.base import SlideHandle, SlideReadError, _hwc, to_rgb
 
@@ -18,7 +22,6 @@ class DicomHandle(SlideHandle):
 
     def __init__(self, path):
         super().__init__(path)
-        import pydicom
 
         self.ds = pydicom.dcmread(str(self.path))
         if "TotalPixelMatrixColumns" not in self.ds:
@@ -37,20 +40,14 @@ class DicomHandle(SlideHandle):
         self._frames: dict[int, np.ndarray] = {}
         self._encapsulated = self.ds.file_meta.TransferSyntaxUID.is_compressed
         if self._encapsulated:
-            from pydicom.encaps import generate_frames
-
             self._frame_bytes = list(generate_frames(self.ds.PixelData, number_of_frames=self.n_frames))
 
     def _frame(self, index: int) -> np.ndarray:
         frame = self._frames.get(index)
         if frame is None:
             if self._encapsulated and self.ds.file_meta.TransferSyntaxUID in ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.90"):
-                from PIL import Image  # JPEG / JPEG 2000: PIL follows the codestream's own colour space
-
                 frame = np.asarray(Image.open(io.BytesIO(self._frame_bytes[index])).convert("RGB"))
             else:
-                from pydicom.pixels import pixel_array
-
                 frame = _hwc(pixel_array(self.ds, index=index))
             if len(self._frames) > 256:
                 self._frames.clear()

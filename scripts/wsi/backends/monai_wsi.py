@@ -6,6 +6,7 @@ import contextlib
 import math
 
 import numpy as np
+from monai.data import WSIReader
 
 from scripts.utils.quiet import native_output_silenced
 from scripts.wsi.backends.base import SlideHandle, to_rgb
@@ -23,7 +24,6 @@ class MonaiWSIHandle(SlideHandle):
 
     def __init__(self, path, backend: str):
         super().__init__(path)
-        from monai.data import WSIReader
 
         self.backend = backend
         # cuCIM's bundled libtiff and cuFile print notes on fd 2 (no GPU driver, deflate config): hide them

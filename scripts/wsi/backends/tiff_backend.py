@@ -6,6 +6,7 @@ import math
 import threading
 
 import numpy as np
+import tifffile
 
 from scripts.wsi.backends.base import SlideHandle, SlideReadError, _hwc
 
@@ -17,7 +18,6 @@ class TiffFileHandle(SlideHandle):
 
     def __init__(self, path):
         super().__init__(path)
-        import tifffile
 
         self.tif = tifffile.TiffFile(str(self.path))
         series = self.tif.series[0]
