@@ -51,7 +51,7 @@ from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 from monailabel.interfaces.exception import MONAILabelError, MONAILabelException  # noqa: E402
 
 from scripts.utils.errors import BundleError  # noqa: E402
-from scripts.workflows.predict import SlidePredictor
+from scripts.workflows.predict import SlidePredictor  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

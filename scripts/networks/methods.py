@@ -90,7 +90,7 @@ def build_method(name: str = "smile", in_dim: int | None = None, network_kwargs:
         resolved["in_dim"] = int(in_dim)
     model = _network_class(name)(**resolved)
     if not hasattr(model, "config"):
-        # remembered for checkpoints: scripts.formats.checkpoints.network_spec reads model.config
+        # remembered for checkpoints: network_spec (below) reads model.config
         model.config = {**method_arguments(name), **resolved}
     return model
 

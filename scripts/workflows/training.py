@@ -31,8 +31,8 @@ Python API (a thin layer over the same config path)::
   stopping and checkpoint selection on the validation AUC (ties broken by the lower validation loss);
 * a network's extra training losses (``training_loss_terms``) are added to the bag BCE.
 
-Each epoch the :class:`monai.engines.SupervisedTrainer` (custom iteration: packed bags, one logit per
-bag, BCE-with-logits) runs over the training bags, then a :class:`monai.engines.SupervisedEvaluator`
+Each epoch the :class:`monai.engines.SupervisedTrainer` (custom iteration
+:func:`scripts.engines.mil.mil_train_iteration`: packed bags, one logit per bag, BCE-with-logits) runs over the training bags, then a :class:`monai.engines.SupervisedEvaluator`
 with a :class:`monai.handlers.ROCAUC` metric scores the validation bags; the best epoch's weights are
 kept (:class:`scripts.engines.handlers.BestEpochSelection`). The test fold is never looked at while training.
 """
