@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from scripts.data.datalist import DatalistError
-from scripts.utils.errors import BundleError, debug_requested, find_bundle_error
+from scripts.utils.errors import debug_requested, find_bundle_error
 
 
 def test_bundle_error_found_under_monai_style_wrapping():

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from scripts.data.bags import Bag
+from scripts.data.heldout import OverlapError
 from scripts.data.splits import make_splits
 from scripts.networks import build_mil_network
-from scripts.workflows.evaluate import OverlapError, evaluate_cohort
+from scripts.workflows.evaluate import evaluate_cohort
 from scripts.workflows.training import TrainSettings, load_checkpoint, run_cross_validation
 
 FAST = dict(epochs=2, lr=1e-3, batch_size=4, patience=0, num_threads=1)
@@ -95,8 +96,8 @@ def test_ablation_choice_reads_validation_only():
 
 
 def test_ensemble_threshold_rule_and_fallback(caplog):
+    from scripts.engines.ensemble import ENSEMBLE_THRESHOLD_RULE, ensemble_threshold
     from scripts.engines.mil import THRESHOLD_FALLBACK, THRESHOLD_SOURCE
-    from scripts.workflows.evaluate import ENSEMBLE_THRESHOLD_RULE, ensemble_threshold
 
     folds = [("fold0", {"threshold": 0.3, "threshold_source": THRESHOLD_SOURCE}),
              ("fold1", {"threshold": 0.5, "threshold_source": THRESHOLD_FALLBACK}),

@@ -22,10 +22,11 @@ import torch
 
 from scripts.data.bags import bags_from_datalist
 from scripts.data.datalist import DatalistError, load_datalist
+from scripts.data.heldout import OverlapError
 from scripts.data.splits import make_splits
 from scripts.formats.fingerprint import BLOCK_BYTES, FINGERPRINT_METHOD, HEAD_BYTES, file_fingerprint
 from scripts.networks import build_mil_network
-from scripts.workflows.evaluate import OverlapError, evaluate_cohort, evaluation_bags
+from scripts.workflows.evaluate import evaluate_cohort, evaluation_bags
 from scripts.workflows.training import TrainSettings, run_cross_validation
 
 DIM = 8

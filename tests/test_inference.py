@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 import torch
 
+from scripts.engines.ensemble import predict_bag
+from scripts.formats.checkpoints import load_into_network, resolve_checkpoints
 from scripts.networks.bag_classifier import BagClassifier
-from scripts.workflows.inference import SlideInference, load_checkpoint_model, predict_bag, resolve_checkpoints
+from scripts.workflows.inference import SlideInference
 from scripts.workflows.predict import SlidePredictor
 
 pytest.importorskip("scripts.networks.smile")
@@ -84,7 +86,7 @@ def test_inference_cli_on_cmu_region(shared_slides, tmp_path, bundle_root):
     assert 0 < p < 1 and int(rows["cmu"]["predicted_label"]) == int(p >= 0.5)
 
     # the ensemble is the mean of the fold probabilities
-    models = [load_checkpoint_model(c, BagClassifier("smile"))[0] for c in resolve_checkpoints(tmp_path / "train" / "cv")]
+    models = [load_into_network(c, BagClassifier("smile"))[0] for c in resolve_checkpoints(tmp_path / "train" / "cv")]
     with h5py.File(tmp_path / "cmu.h5") as handle:
         feats = torch.from_numpy(handle["features"][()])
     expected, attention, per_model = predict_bag(models, feats)
@@ -113,7 +115,7 @@ def test_checkpoint_errors_are_clear(tmp_path):
         resolve_checkpoints(tmp_path / "empty_cv")
     torch.save({"model": {"x": torch.zeros(1)}}, tmp_path / "wrong.pt")
     with pytest.raises(ValueError, match="does not fit"):
-        load_checkpoint_model(tmp_path / "wrong.pt", BagClassifier("smile"))
+        load_into_network(tmp_path / "wrong.pt", BagClassifier("smile"))
 
 
 def test_missing_features_without_stages_fails_per_slide(tmp_path):

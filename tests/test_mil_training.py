@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from scripts.data.bags import BagDataset, bags_from_datalist, bags_from_npz, collate_bags, load_features
-from scripts.data.splits import SplitError, check_splits, load_or_make_splits, make_splits
+from scripts.data.splits import SplitError, load_or_make_splits, make_splits
 from scripts.engines.mil import predict
 from scripts.metrics import bootstrap_auc_ci, threshold_metrics, youden_threshold
 from scripts.networks import build_mil_network

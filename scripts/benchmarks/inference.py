@@ -26,9 +26,10 @@ import matplotlib.backends.backend_agg  # noqa: F401  (loaded before the memory 
 import numpy as np
 import torch
 
+from scripts.engines.ensemble import predict_bag
 from scripts.formats.attention_outputs import write_attention_h5, write_geojson, write_heatmap_png, write_topk_png
+from scripts.formats.feature_file import read_features
 from scripts.networks.bag_classifier import BagClassifier
-from scripts.workflows.inference import predict_bag, read_features
 
 
 def _rss_mb() -> float:

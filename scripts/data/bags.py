@@ -24,8 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from scripts.data.datalist import DatalistError, load_datalist
-from scripts.formats.feature_file import (  # noqa: F401 - the one home of feature files; re-exported here
-    FEATURE_SUFFIXES,
+from scripts.formats.feature_file import (
     FeatureFileError,
     FeatureMismatchError,
     cohort_record,

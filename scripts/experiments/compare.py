@@ -57,11 +57,11 @@ from scripts.formats.layout import OutputLayout
 from scripts.metrics import nan_to_none, plot_roc
 from scripts.metrics.localisation import SlideAttention, bag_attention, localise_cohort, patch_geometry
 from scripts.metrics.paired import delong_test, paired_bootstrap_auc
-from scripts.networks.methods import DEFAULT_METHODS, count_parameters, method_config_overrides, resolve_methods  # noqa: F401 - resolve_methods re-exported
+from scripts.networks.methods import DEFAULT_METHODS, count_parameters, method_config_overrides, resolve_methods
 from scripts.utils.io_utils import atomic_path, write_csv, write_json
 from scripts.workflows.training import (
     config_cross_validation,
-    config_parser_for,  # noqa: F401 - re-exported
+    config_parser_for,
     training_description,
 )
 

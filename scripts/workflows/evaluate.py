@@ -28,8 +28,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from scripts.data.bags import Bag, bags_from_datalist, feature_dim
-from scripts.data.heldout import OverlapError, check_overlap  # noqa: F401 (OverlapError: part of this API)
-from scripts.engines.ensemble import ENSEMBLE_THRESHOLD_RULE, FoldEnsemble, ensemble_threshold  # noqa: F401 - re-exported
+from scripts.data.heldout import check_overlap
+from scripts.engines.ensemble import FoldEnsemble
 from scripts.formats.checkpoints import find_fold_checkpoints
 from scripts.formats.layout import OutputLayout
 from scripts.metrics import classification_report, format_ci, nan_to_none, plot_roc

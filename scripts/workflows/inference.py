@@ -39,19 +39,12 @@ import torch
 
 from scripts.data.datalist import SlideRecord, load_datalist
 from scripts.data.heldout import check_overlap
-from scripts.formats.checkpoints import CheckpointError, load_into_network, resolve_checkpoints  # noqa: F401
-from scripts.formats.feature_file import read_features  # noqa: F401 - re-exported (benchmarks)
 from scripts.formats.layout import OutputLayout
 from scripts.metrics.localisation import SlideAttention, localise_cohort
 from scripts.utils.errors import raise_if_all_failed
 from scripts.utils.io_utils import write_csv
-from scripts.workflows.predict import (  # noqa: F401 - the per-slide parts, re-exported for older imports
-    FeatureStage,
-    PatchStage,
-    SlidePrediction,
+from scripts.workflows.predict import (
     SlidePredictor,
-    open_slide_for_outputs,
-    predict_bag,
 )
 
 # the former config-file list (still runs; configs/inference.json alone is complete)
@@ -60,10 +53,6 @@ INFERENCE_CONFIGS = "['configs/extract.json','configs/preprocess.json','configs/
 logger = logging.getLogger(__name__)
 
 STAGES = ("read", "tissue", "grid", "features", "mil", "outputs")
-
-# one home: scripts.formats.checkpoints (resolve_checkpoints, load_into_network; weights_only=True loads)
-load_checkpoint_model = load_into_network
-
 
 # ----------------------------------------------------------------------------------------------- dataset
 class SlideDataset(torch.utils.data.Dataset):

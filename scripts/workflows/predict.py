@@ -51,7 +51,7 @@ from monai.bundle import ConfigParser
 from torch import nn
 
 from scripts.data.datalist import SlideRecord
-from scripts.engines.ensemble import FoldEnsemble, predict_bag  # noqa: F401 - predict_bag re-exported
+from scripts.engines.ensemble import FoldEnsemble, predict_bag
 from scripts.formats.annotations import AnnotationError, read_annotations
 from scripts.formats.attention_outputs import percentile_rank, write_attention_h5, write_geojson, write_slide_outputs
 from scripts.formats.feature_file import (

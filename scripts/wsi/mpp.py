@@ -27,7 +27,7 @@ import pydicom
 import tifffile
 
 from scripts.utils.errors import BundleError
-from scripts.wsi.filekind import file_kind  # noqa: F401 - also part of this module's API
+from scripts.wsi.filekind import file_kind
 
 MPP_RANGE = (0.05, 20.0)  # the same plausibility range the datalist uses
 

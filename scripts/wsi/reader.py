@@ -32,14 +32,13 @@ from monai.data.wsi_reader import BaseWSIReader
 from monai.utils import ensure_tuple
 from PIL import Image
 
-from scripts.utils.quiet import native_output_silenced  # noqa: F401 - re-exported (benchmarks)
 from scripts.wsi.backends import DEFAULT_BACKENDS
 from scripts.wsi.backends.base import SlideHandle, SlideReadError, to_rgb
 from scripts.wsi.filekind import file_kind
 from scripts.wsi.mpp import MppError
 from scripts.wsi.open import open_slide
-from scripts.wsi.patches import PatchReader, iter_patch_batches, resize_rgb, warm_up  # noqa: F401 - re-exported
-from scripts.wsi.probe import probe_cucim  # noqa: F401 - re-exported
+from scripts.wsi.patches import PatchReader, iter_patch_batches, resize_rgb, warm_up
+from scripts.wsi.probe import probe_cucim
 
 __all__ = [
     "SlideWSIReader", "DEFAULT_BACKENDS", "SlideHandle", "SlideReadError", "open_slide", "probe_cucim",
