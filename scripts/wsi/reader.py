@@ -16,9 +16,6 @@ the backend's resolution (cuCIM reports 1.0 um/px for Aperio files whose header 
 process on files cuCIM cannot decode. Here ``read`` returns the bundle's ``SlideHandle`` (whatever backend
 opened the file) and ``get_mpp`` returns the resolution :mod:`scripts.wsi.mpp` decided from the vendor
 metadata or the datalist.
-
-The old names (``open_slide``, ``PatchReader``, ``probe_cucim``, ...) are re-exported below so code written
-against the former single-file reader keeps importing; new code imports them from their own modules.
 """
 
 from __future__ import annotations
@@ -33,17 +30,12 @@ from monai.utils import ensure_tuple
 from PIL import Image
 
 from scripts.wsi.backends import DEFAULT_BACKENDS
-from scripts.wsi.backends.base import SlideHandle, SlideReadError, to_rgb
+from scripts.wsi.backends.base import SlideHandle
 from scripts.wsi.filekind import file_kind
 from scripts.wsi.mpp import MppError
 from scripts.wsi.open import open_slide
-from scripts.wsi.patches import PatchReader, iter_patch_batches, resize_rgb, warm_up
-from scripts.wsi.probe import probe_cucim
 
-__all__ = [
-    "SlideWSIReader", "DEFAULT_BACKENDS", "SlideHandle", "SlideReadError", "open_slide", "probe_cucim",
-    "PatchReader", "iter_patch_batches", "resize_rgb", "warm_up", "to_rgb",
-]
+__all__ = ["SlideWSIReader"]
 
 SLIDE_SUFFIXES = ("svs", "tif", "tiff", "ndpi", "mrxs", "scn", "vms", "vmu", "bif", "svslide", "qptiff", "dcm")
 
