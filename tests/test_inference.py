@@ -205,8 +205,7 @@ def test_raw_slides_end_to_end(shared_slides, tmp_path, bundle_root):
 
 
 def test_subset_datalist(tmp_path, shared_slides):
-    from scripts.data.datalist import load_datalist
-    from scripts.workflows.inference import subset_datalist
+    from scripts.data.datalist import load_datalist, subset_datalist
 
     src = tmp_path / "d.csv"
     src.write_text("slide_id,path,label,patient_id,center\n" + "".join(

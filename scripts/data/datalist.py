@@ -23,19 +23,27 @@ With ``check_duplicates`` (every cohort that is split or scored: :func:`scripts.
 two rows whose slide files or feature files have the same content (:mod:`scripts.formats.fingerprint`;
 the same path twice, or a copy under another name) are one of those problems: the same slide on two rows
 could land in the training and the test part of a fold.
+
+:func:`subset_datalist` writes a smaller datalist (the demo's inference set):
+``python -m scripts.data.datalist subset_datalist --datalist <csv> --out <csv> --n_slides 3``.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from scripts.formats.fingerprint import describe_duplicates, duplicate_contents
 from scripts.utils.errors import BundleError
+from scripts.utils.io_utils import write_csv
+
+logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("slide_id", "path", "label", "patient_id", "center")
 OPTIONAL_COLUMNS = ("mpp", "features", "annotations")
@@ -216,3 +224,35 @@ def _resolve(root: Path, value: str) -> Path | None:
         return None
     path = Path(value).expanduser()
     return path if path.is_absolute() else (root / path)
+
+
+def subset_datalist(datalist: str, out: str, n_slides: int = 3, add: Sequence[str] | str = (), n_positive: int = 0) -> None:
+    """Write a datalist with the first ``n_slides`` rows of ``datalist`` (of which the first ``n_positive``
+    labelled-positive rows come first) plus the slide files in ``add`` (those that exist; slide_id = file
+    stem). Paths become absolute. Used by ``make demo``::
+
+        python -m scripts.data.datalist subset_datalist --datalist data/demo/cohort/datalist.csv \\
+            --out data/demo/out/inference_datalist.csv --n_slides 3 --add ../shared/data/slides/cmu-1-small-region.svs
+    """
+    records = load_datalist(datalist, require_labels=False)
+    positives = [r for r in records if r.label == 1][: int(n_positive)]
+    records = (positives + [r for r in records if r not in positives])[: int(n_slides)]
+    rows = [dict(r.as_row(), path=str(Path(r.path).resolve()) if r.path else "") for r in records]
+    for path in [add] if isinstance(add, str) else list(add):
+        path = Path(path)
+        if path.is_file():
+            rows.append({"slide_id": path.stem, "path": str(path.resolve()), "label": "", "patient_id": path.stem,
+                         "center": "external", "mpp": "", "features": ""})
+        else:
+            logger.warning("%s not found; left out of %s", path, out)
+    for row in rows:
+        if row.get("annotations"):
+            row["annotations"] = str(Path(row["annotations"]).resolve())
+    write_csv(out, rows, ["slide_id", "path", "label", "patient_id", "center", "mpp", "features", "annotations"])
+    print(f"{out}: {len(rows)} slide(s)")
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"subset_datalist": subset_datalist})

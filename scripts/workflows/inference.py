@@ -33,7 +33,6 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -172,36 +171,3 @@ class SlideInference:
                         result.probability, verdict, result.threshold, result.n_patches, times)
         else:
             logger.error("[%d/%d] %s: FAILED (%s)%s", i, n, result.slide_id, result.error, f" | {times}" if times else "")
-
-
-# -------------------------------------------------------------------------------------------------- CLI
-def subset_datalist(datalist: str, out: str, n_slides: int = 3, add: Sequence[str] | str = (), n_positive: int = 0) -> None:
-    """Write a datalist with the first ``n_slides`` rows of ``datalist`` (of which the first ``n_positive``
-    labelled-positive rows come first) plus the slide files in ``add`` (those that exist; slide_id = file
-    stem). Paths become absolute. Used by ``make demo``::
-
-        python -m scripts.workflows.inference subset_datalist --datalist data/demo/cohort/datalist.csv \\
-            --out data/demo/out/inference_datalist.csv --n_slides 3 --add ../shared/data/slides/cmu-1-small-region.svs
-    """
-    records = load_datalist(datalist, require_labels=False)
-    positives = [r for r in records if r.label == 1][: int(n_positive)]
-    records = (positives + [r for r in records if r not in positives])[: int(n_slides)]
-    rows = [dict(r.as_row(), path=str(Path(r.path).resolve()) if r.path else "") for r in records]
-    for path in [add] if isinstance(add, str) else list(add):
-        path = Path(path)
-        if path.is_file():
-            rows.append({"slide_id": path.stem, "path": str(path.resolve()), "label": "", "patient_id": path.stem,
-                         "center": "external", "mpp": "", "features": ""})
-        else:
-            logger.warning("%s not found; left out of %s", path, out)
-    for row in rows:
-        if row.get("annotations"):
-            row["annotations"] = str(Path(row["annotations"]).resolve())
-    write_csv(out, rows, ["slide_id", "path", "label", "patient_id", "center", "mpp", "features", "annotations"])
-    print(f"{out}: {len(rows)} slide(s)")
-
-
-if __name__ == "__main__":
-    import fire
-
-    fire.Fire({"subset_datalist": subset_datalist})
