@@ -61,6 +61,7 @@ def ranger(params, lr: float = 2e-4, weight_decay: float = 1e-5, betas=(0.95, 0.
     """Ranger 20.4.11 with the SMILE settings (:class:`scripts.optim.Ranger`); see :func:`create_optimizer`."""
     return create_optimizer(params, "ranger", lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
 
+
 def _forward(model: nn.Module, x: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> dict:
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # wraps scripts.utils.distributed.PackedForward
         return model(x, bag_index, n_bags)
@@ -133,6 +134,7 @@ def bag_loader(
         num_workers=int(num_workers), generator=generator, pin_memory=torch.device(device).type == "cuda",
         persistent_workers=int(num_workers) > 0,
     )  # fmt: skip
+
 
 def predict(model: nn.Module, bags: Sequence[Bag], batch_size: int = 12, device: Any = None, num_workers: int = 0) -> np.ndarray:
     """Probabilities (sigmoid of the bag logit) of ``bags``, in order, in eval mode."""

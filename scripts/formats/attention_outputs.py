@@ -184,31 +184,28 @@ def write_heatmap_png(
     fig_h = max(h / dpi, 3.0) + 0.6
     fig = Figure(figsize=(fig_w, fig_h), dpi=dpi)
     ax = fig.subplots()
-    try:
-        ax.imshow(thumbnail, interpolation="nearest")
-        norm = mcolors.Normalize(vmin=0.0, vmax=100.0)
-        overlay = ax.imshow(np.ma.masked_invalid(canvas), cmap=cmap, norm=norm, alpha=alpha, interpolation="nearest")
-        dx, dy = (downsample, downsample) if np.isscalar(downsample) else downsample
-        for ring in outlines or []:
-            ring = np.asarray(ring, dtype=np.float64)
-            # pixel centres: level-0 coordinate x lies at thumbnail position x / dx - 0.5
-            xs, ys = ring[:, 0] / dx - 0.5, ring[:, 1] / dy - 0.5
-            ax.plot(xs, ys, color="white", linewidth=2.6, solid_joinstyle="round")
-            ax.plot(xs, ys, color="black", linewidth=1.1, solid_joinstyle="round")
-        if outlines:
-            ax.set_xlim(-0.5, w - 0.5)
-            ax.set_ylim(h - 0.5, -0.5)
-        ax.set_axis_off()
-        if title:
-            ax.set_title(title, fontsize=10)
-        bar = fig.colorbar(overlay, ax=ax, fraction=0.046, pad=0.02)
-        bar.solids.set_alpha(1.0)
-        bar.set_label("attention percentile within slide (100 = most attended)")
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, format="png")
-    finally:
-        fig.clear()
+    ax.imshow(thumbnail, interpolation="nearest")
+    norm = mcolors.Normalize(vmin=0.0, vmax=100.0)
+    overlay = ax.imshow(np.ma.masked_invalid(canvas), cmap=cmap, norm=norm, alpha=alpha, interpolation="nearest")
+    dx, dy = (downsample, downsample) if np.isscalar(downsample) else downsample
+    for ring in outlines or []:
+        ring = np.asarray(ring, dtype=np.float64)
+        # pixel centres: level-0 coordinate x lies at thumbnail position x / dx - 0.5
+        xs, ys = ring[:, 0] / dx - 0.5, ring[:, 1] / dy - 0.5
+        ax.plot(xs, ys, color="white", linewidth=2.6, solid_joinstyle="round")
+        ax.plot(xs, ys, color="black", linewidth=1.1, solid_joinstyle="round")
+    if outlines:
+        ax.set_xlim(-0.5, w - 0.5)
+        ax.set_ylim(h - 0.5, -0.5)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=10)
+    bar = fig.colorbar(overlay, ax=ax, fraction=0.046, pad=0.02)
+    bar.solids.set_alpha(1.0)
+    bar.set_label("attention percentile within slide (100 = most attended)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
     return Path(path)
 
 

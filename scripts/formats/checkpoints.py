@@ -147,8 +147,8 @@ def load_weights_file(path: str | Path, help_text: str = "", trust: bool | None 
 def save_checkpoint(
     path: str | Path, model: nn.Module, metadata: Mapping[str, Any] | None = None, *, network: Mapping, **extra,
 ) -> Path:
-    """Write a fold checkpoint atomically: the MIL network's weights, its spec (``network``, default
-    :func:`network_spec`), ``metadata`` (free-form dict: encoder, slide ids, ...) and ``extra`` top-level
+    """Write a fold checkpoint atomically: the MIL network's weights, its spec (``network``: what
+    :func:`scripts.networks.methods.network_spec` returns), ``metadata`` (free-form dict: encoder, slide ids, ...) and ``extra`` top-level
     values. Values are reduced to what ``weights_only=True`` loads (tensors, numbers, strings, lists, dicts).
     """
     inner = mil_of(model)

@@ -94,7 +94,6 @@ def feature_file_is_complete(path: Path, coords: np.ndarray, encoder: Encoder, s
         return False
     wanted = getattr(encoder, "precision", "auto")
     if wanted in ("bf16", "fp32"):  # features of the other precision are extracted again
-
         with h5py.File(path, "r") as h5:
             stored = h5.attrs.get("precision")
         stored = stored.decode() if isinstance(stored, bytes) else stored

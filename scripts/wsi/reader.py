@@ -162,7 +162,6 @@ class SlideWSIReader(BaseWSIReader):
         if level < wsi.level_count:
             pixels = wsi.read_region(xy, (width, height), level)
         else:  # an extra level: read the finest real level not finer than needed, resize
-
             wanted = self.get_downsample_ratio(wsi, level)
             real = max(i for i, d in enumerate(wsi.level_downsamples) if d <= wanted * 1.001)
             scale = wanted / float(wsi.level_downsamples[real])
